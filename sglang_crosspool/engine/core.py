@@ -1,0 +1,260 @@
+"""EngineCore: many models, one KV pool, one global scheduler; one `step()` at a time.
+
+    step(): scheduler.schedule() -> ForwardBatch -> ModelRunner.forward -> sample -> finish
+
+The core is synchronous and owns no sockets: the in-process `Engine` drives it in a loop, and
+the server runs the same core in its own process behind ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from crosspool_scheduler import Batch, GlobalScheduler, RequestTooLarge, SchedReq, SchedulerLimits
+from sglang_crosspool.config import EngineConfig
+from sglang_crosspool.engine.attention import get_attention_backend
+from sglang_crosspool.engine.forward_batch import ForwardBatch
+from sglang_crosspool.engine.model_runner import ModelRunner
+from sglang_crosspool.engine.request import EngineRequest, RequestState
+from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprobs
+from sglang_crosspool.engine.sampling_params import InvalidRequest
+from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
+from sglang_crosspool.memory.kv_pool import KVPool
+from sglang_crosspool.memory.page_backend import make_backend
+from sglang_crosspool.models.checkpoint import CheckpointFiles
+from sglang_crosspool.models.registry import get_architecture
+from sglang_crosspool.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+
+class UnknownModel(InvalidRequest):
+    """The request names a model this engine does not serve."""
+
+
+@dataclass
+class _SeqPlan:
+    """Which logits rows of a step belong to one scheduled sequence."""
+
+    state: RequestState
+    input_rows: list[int]  # rows scoring prompt tokens (input logprobs)
+    input_positions: list[int]  # the position each such row predicts from
+    sample_row: int | None  # row to sample the next token from
+    prefill_only_done: bool  # max_new_tokens == 0 and the prompt is fully computed
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, ffn: FFNExecutor | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self._init_models(ffn)
+        self._init_kv_pool()
+        self._init_runners()
+        self._init_scheduler()
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def _init_models(self, ffn: FFNExecutor | None) -> None:
+        self.attention = {}
+        self.tokenizers = {}
+        ffn_halves = {}
+        for entry in self.config.models:
+            arch = get_architecture(entry.spec.model_type)
+            files = CheckpointFiles(entry.path)
+            dtype = self.config.torch_dtype
+            self.attention[entry.name] = arch.attention_cls(entry.spec, files, self.device, dtype)
+            if ffn is None:
+                ffn_halves[entry.name] = arch.ffn_cls(entry.spec, files, self.device, dtype)
+            self.tokenizers[entry.name] = load_tokenizer(entry.path)
+        self.ffn = ffn or LocalFFNExecutor(ffn_halves)
+
+    def _init_kv_pool(self) -> None:
+        cfg = self.config
+        backend = make_backend(self.device, cfg.kv_page_bytes)
+        pages = cfg.kv_pages or max(1, cfg.kv_budget_bytes // backend.page_bytes)
+        self.kv_pool = KVPool(backend, pages)
+        for entry in cfg.models:
+            s = entry.spec
+            self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
+                                   cfg.torch_dtype,
+                                   max_tokens=entry.context_length * cfg.max_running_requests)
+
+    def _init_runners(self) -> None:
+        backend_cls = get_attention_backend(self.config.attention_backend)
+        self.runners = {}
+        for entry in self.config.models:
+            s = entry.spec
+            backend = backend_cls(s.num_heads, s.num_kv_heads, s.head_dim)
+            self.runners[entry.name] = ModelRunner(
+                entry.name, self.attention[entry.name], self.kv_pool.models[entry.name],
+                backend, self.ffn)
+
+    def _init_scheduler(self) -> None:
+        limits = SchedulerLimits(self.config.max_running_requests,
+                                 self.config.chunked_prefill_size)
+        self.scheduler = GlobalScheduler(self.kv_pool, self.config.model_names, limits)
+        self.states: dict[str, RequestState] = {}
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.config.random_seed)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def validate(self, req: EngineRequest) -> int:
+        """Checks a request; returns its max_new_tokens clipped to the context length."""
+        if req.model not in self.attention:
+            raise UnknownModel(
+                f"model {req.model!r} is not served; served models: "
+                f"{', '.join(self.config.model_names)}")
+        entry = self.config.model(req.model)
+        ids = req.input_ids
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        vocab = entry.spec.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"input_ids: every token id must be an integer in [0, {vocab})")
+        if len(ids) >= entry.context_length:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens, at or over the context length "
+                f"{entry.context_length} of model {req.model!r}")
+        if not -1 <= req.logprob_start_len <= len(ids):
+            raise InvalidRequest(f"logprob_start_len: must be in [-1, {len(ids)}]")
+        if req.top_logprobs_num < 0:
+            raise InvalidRequest("top_logprobs_num: must be >= 0")
+        if req.rid in self.states:
+            raise InvalidRequest(f"rid: request id {req.rid!r} is already in use")
+        return min(req.params.max_new_tokens, entry.context_length - len(ids))
+
+    def add_request(self, req: EngineRequest) -> RequestState:
+        """Validates and queues a request; raises InvalidRequest and changes nothing if bad."""
+        max_new = self.validate(req)
+        sched = SchedReq(req.rid, req.model, list(req.input_ids), max_new)
+        tokenizer = self.tokenizers[req.model]
+        state = RequestState(
+            req, sched, SamplingState.create(req.params, req.input_ids, self.device),
+            IncrementalDetokenizer(tokenizer, req.params.skip_special_tokens), max_new)
+        if req.return_logprob:
+            start = len(req.input_ids) - 1 if req.logprob_start_len == -1 else req.logprob_start_len
+            state.input_lp_next = max(start, 1) - 1
+            if start == 0:
+                state.input_token_logprobs.append((None, req.input_ids[0], None))
+                state.input_top_logprobs.append(None)
+        try:
+            self.scheduler.add(sched)
+        except RequestTooLarge as e:
+            raise InvalidRequest(str(e)) from None
+        self.states[req.rid] = state
+        return state
+
+    def abort(self, rid: str, message: str = "aborted") -> RequestState | None:
+        state = self.states.pop(rid, None)
+        if state is None:
+            return None
+        self.scheduler.abort(rid)
+        state.finish_reason = {"type": "abort", "message": message}
+        return state
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @staticmethod
+    def new_rid() -> str:
+        return uuid.uuid4().hex
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestState]:
+        """Runs one batch; returns the requests that produced a token or finished."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        runner = self.runners[batch.model]
+        fb = ForwardBatch.build(batch, self.kv_pool.block_tokens(batch.model), self.device)
+        rows, plans = self._plan_rows(batch, fb)
+        logits = runner.forward(fb, torch.tensor(rows, dtype=torch.int64, device=self.device))
+        self.scheduler.advance(batch)
+        return [p.state for p in plans if self._postprocess(p, logits)]
+
+    def _plan_rows(self, batch: Batch, fb: ForwardBatch) -> tuple[list[int], list[_SeqPlan]]:
+        rows: list[int] = []
+        plans = []
+        for seq, offset in zip(batch.seqs, fb.q_starts):
+            state = self.states[seq.req.rid]
+            plan = _SeqPlan(state, [], [], None, False)
+            if state.req.return_logprob:
+                last = len(state.req.input_ids) - 2  # the last row that predicts a prompt token
+                first = max(state.input_lp_next, seq.start)
+                for pos in range(first, min(last, seq.start + seq.length - 1) + 1):
+                    plan.input_rows.append(len(rows))
+                    plan.input_positions.append(pos)
+                    rows.append(offset + pos - seq.start)
+            if seq.completes:
+                if seq.req.wants_more_tokens:
+                    plan.sample_row = len(rows)
+                    rows.append(offset + seq.length - 1)
+                else:
+                    plan.prefill_only_done = True
+            plans.append(plan)
+        return rows, plans
+
+    def _postprocess(self, plan: _SeqPlan, logits: torch.Tensor) -> bool:
+        state = plan.state
+        req = state.req
+        if plan.input_rows:
+            targets = [req.input_ids[p + 1] for p in plan.input_positions]
+            chosen, tops = token_logprobs(logits[plan.input_rows], targets, req.top_logprobs_num)
+            state.input_token_logprobs.extend((lp, t, None) for lp, t in zip(chosen, targets))
+            state.input_top_logprobs.extend([(lp, i, None) for lp, i in row] for row in tops)
+            state.input_lp_next = plan.input_positions[-1] + 1
+        if plan.prefill_only_done:
+            self._finish(state, {"type": "length", "length": 0})
+            return True
+        if plan.sample_row is None:
+            return False
+        row = logits[plan.sample_row]
+        token = choose(row, state.sampling, self.generator)
+        if req.return_logprob:
+            chosen, tops = token_logprobs(row[None], [token], req.top_logprobs_num)
+            state.output_token_logprobs.append((chosen[0], token, None))
+            if req.top_logprobs_num:
+                state.output_top_logprobs.append([(lp, i, None) for lp, i in tops[0]])
+        self._append_token(state, token)
+        return True
+
+    def _append_token(self, state: RequestState, token: int) -> None:
+        state.sched.output_ids.append(token)
+        state.sampling.record(token)
+        if state.first_token_time is None:
+            state.first_token_time = time.monotonic()
+        params = state.req.params
+        eos = self.config.model(state.req.model).spec.eos_token_ids
+        previous = len(state.detok.text)
+        state.detok.add([token])
+        state.text = state.detok.text
+        if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
+            return self._finish(state, {"type": "stop", "matched": token})
+        if params.stop:
+            longest = max(len(s) for s in params.stop)
+            window = max(0, previous - longest + 1)
+            hits = [(state.text.find(s, window), s) for s in params.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                index, matched = min(hits)
+                state.text = state.text[:index]
+                return self._finish(state, {"type": "stop", "matched": matched})
+        if len(state.output_ids) >= state.max_new_tokens:
+            self._finish(state, {"type": "length", "length": state.max_new_tokens})
+
+    def _finish(self, state: RequestState, reason: dict) -> None:
+        state.finish_reason = reason
+        self.scheduler.finish(state.sched)
+        self.states.pop(state.req.rid, None)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {"kv": self.kv_pool.stats(), "scheduler": self.scheduler.stats()}
+
+    def shutdown(self) -> None:
+        self.ffn.close()

@@ -1,0 +1,163 @@
+"""The KV pool: one physical page budget shared by every model's virtual KV ranges.
+
+Each model reserves, per layer, a K range and a V range large enough for its maximum tokens;
+nothing physical is committed. A model's token slots are grouped in *blocks*: block b covers
+slots [b*T, (b+1)*T) in all 2*L ranges of the model, where T = page_bytes / (bytes of one
+token's K in one layer). Allocating a block maps 2*L physical pages (one per range, same
+offset) from the shared budget; freeing it unmaps them and returns them to the budget. Kernels
+see ordinary tensors `k[layer]`, `v[layer]` of shape [slots, kv_heads, head_dim] and index them
+with slot numbers computed from a request's block list (its page table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sglang_crosspool.memory.page_backend import PageBackend, VirtualRange
+
+
+class KVPoolError(ValueError):
+    """A model whose KV layout does not fit the pool (configuration error)."""
+
+
+@dataclass
+class ModelKV:
+    """One model's virtual KV ranges and block bookkeeping."""
+
+    name: str
+    num_layers: int
+    block_tokens: int
+    num_blocks: int  # virtual capacity
+    k_ranges: list[VirtualRange]
+    v_ranges: list[VirtualRange]
+    k: list[torch.Tensor]  # per layer [num_blocks * block_tokens, kv_heads, head_dim]
+    v: list[torch.Tensor]
+    free_blocks: list[int] = field(default_factory=list)
+    blocks_in_use: int = 0
+
+    @property
+    def pages_per_block(self) -> int:
+        return 2 * self.num_layers
+
+
+class KVPool:
+    """Implements the scheduler's `KVAllocator` protocol over a `PageBackend`."""
+
+    def __init__(self, backend: PageBackend, total_pages: int, reserve_pages: int = 0):
+        if total_pages <= 0:
+            raise KVPoolError(f"the KV budget must hold at least one page, got {total_pages}")
+        self.backend = backend
+        self.total_pages = total_pages
+        self.models: dict[str, ModelKV] = {}
+        self._spare: list[object] = []  # created physical pages not mapped anywhere
+        self._pages_out = 0  # physical pages mapped into some model's range
+        self.reserve_pages = min(reserve_pages, total_pages)
+        for _ in range(self.reserve_pages):
+            self._spare.append(backend.create_page())
+
+    @property
+    def page_bytes(self) -> int:
+        return self.backend.page_bytes
+
+    def add_model(
+        self, name: str, num_layers: int, kv_heads: int, head_dim: int,
+        dtype: torch.dtype, max_tokens: int,
+    ) -> ModelKV:
+        slot_bytes = kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        if self.page_bytes % slot_bytes:
+            raise KVPoolError(
+                f"model {name}: one token's K of one layer is {slot_bytes} bytes, which does not "
+                f"divide the {self.page_bytes}-byte page"
+            )
+        block_tokens = self.page_bytes // slot_bytes
+        num_blocks = -(-max_tokens // block_tokens)
+        k_ranges = [self.backend.reserve(num_blocks) for _ in range(num_layers)]
+        v_ranges = [self.backend.reserve(num_blocks) for _ in range(num_layers)]
+        slots = num_blocks * block_tokens
+
+        def views(ranges):
+            return [r.view(dtype, slots, kv_heads, head_dim) for r in ranges]
+
+        kv = ModelKV(name, num_layers, block_tokens, num_blocks, k_ranges, v_ranges,
+                     views(k_ranges), views(v_ranges), free_blocks=list(range(num_blocks))[::-1])
+        self.models[name] = kv
+        return kv
+
+    # -- KVAllocator protocol (used by the pure-Python scheduler) ---------------------------
+
+    def block_tokens(self, model: str) -> int:
+        return self.models[model].block_tokens
+
+    def max_blocks(self, model: str) -> int:
+        """The most blocks one model can ever hold: its virtual range or the whole budget."""
+        kv = self.models[model]
+        return min(kv.num_blocks, self.total_pages // kv.pages_per_block)
+
+    def can_alloc(self, model: str, n: int) -> bool:
+        kv = self.models[model]
+        return n <= len(kv.free_blocks) and n * kv.pages_per_block <= self.free_pages
+
+    def alloc_blocks(self, model: str, n: int) -> list[int] | None:
+        """Maps n blocks for `model`, all or nothing."""
+        if not self.can_alloc(model, n):
+            return None
+        kv = self.models[model]
+        blocks = [kv.free_blocks.pop() for _ in range(n)]
+        for b in blocks:
+            for vrange in kv.k_ranges + kv.v_ranges:
+                page = self._spare.pop() if self._spare else self.backend.create_page()
+                self.backend.map(vrange, b, page)
+        kv.blocks_in_use += n
+        self._pages_out += n * kv.pages_per_block
+        return blocks
+
+    def free_blocks(self, model: str, blocks: list[int]) -> None:
+        kv = self.models[model]
+        for b in blocks:
+            for vrange in kv.k_ranges + kv.v_ranges:
+                page = self.backend.unmap(vrange, b)
+                # Keep a small reserve of created pages so that the next map skips creation.
+                if len(self._spare) < self.reserve_pages:
+                    self._spare.append(page)
+                else:
+                    self.backend.destroy_page(page)
+            kv.free_blocks.append(b)
+        kv.blocks_in_use -= len(blocks)
+        self._pages_out -= len(blocks) * kv.pages_per_block
+
+    # -- accounting -------------------------------------------------------------------------
+
+    @property
+    def free_pages(self) -> int:
+        return self.total_pages - self._pages_out
+
+    @property
+    def used_pages(self) -> int:
+        return self._pages_out
+
+    def pages_in_use(self, model: str) -> int:
+        kv = self.models[model]
+        return kv.blocks_in_use * kv.pages_per_block
+
+    def stats(self) -> dict:
+        """Accounting for metrics and tests: pages and bytes, pool-wide and per model."""
+        return {
+            "page_bytes": self.page_bytes,
+            "total_pages": self.total_pages,
+            "used_pages": self.used_pages,
+            "free_pages": self.free_pages,
+            "used_bytes": self.used_pages * self.page_bytes,
+            "total_bytes": self.total_pages * self.page_bytes,
+            "models": {
+                name: {
+                    "pages_in_use": self.pages_in_use(name),
+                    "blocks_in_use": kv.blocks_in_use,
+                    "block_tokens": kv.block_tokens,
+                    "tokens_capacity_in_use": kv.blocks_in_use * kv.block_tokens,
+                    "virtual_blocks": kv.num_blocks,
+                }
+                for name, kv in self.models.items()
+            },
+        }

@@ -1,0 +1,327 @@
+"""Building blocks shared by the MoE architectures: the attention half and the FFN half.
+
+A decoder layer is split where CrossPool splits it:
+
+    attention half (KV-cache pool)                       FFN half (weights pool)
+    x -> RMSNorm -> QKV -> RoPE -> paged attention
+      -> O-proj -> +residual -> RMSNorm -> router  ---- h, top-k ids, top-k weights ---->
+                                                       experts (+ shared expert) -> sum
+    x <- +residual <------------------------------------------------------ FFN(h) ----
+
+`AttentionHalf` holds embeddings, attention, norms, routers and lm_head; `FFNHalf` holds the
+routed experts (all of them, or the subset one FFN server owns), shared experts and dense MLPs.
+Architecture files subclass both and say only what differs: tensor names, q/k norms, router.
+Numerics follow transformers' eager implementation (norms in float32, softmax router in float32)
+so that outputs match it token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sglang_crosspool.models.checkpoint import CheckpointFiles
+from sglang_crosspool.models.config import ModelSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+class Rotary:
+    """cos/sin tables of the default rotary embedding, computed once for every position."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, device, dtype):
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        )
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, heads, head_dim]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+@dataclass
+class AttnLayer:
+    input_norm: torch.Tensor
+    q_w: torch.Tensor
+    k_w: torch.Tensor
+    v_w: torch.Tensor
+    o_w: torch.Tensor
+    post_norm: torch.Tensor
+    router: torch.Tensor | None  # None for a dense layer
+    q_b: torch.Tensor | None = None
+    k_b: torch.Tensor | None = None
+    v_b: torch.Tensor | None = None
+    o_b: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class Routing:
+    """What crosses to the weights pool besides the hidden states."""
+
+    topk_ids: torch.Tensor | None  # [tokens, top_k] int64; None for a dense layer
+    topk_weights: torch.Tensor | None  # [tokens, top_k] float32
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class AttentionHalf:
+    """Embeddings, attention blocks, routers and lm_head of one model (no expert weights).
+
+    Subclasses set the class attributes below and may override `qk_norm` and `route`.
+    """
+
+    moe_prefixes: tuple[str, ...] = ("mlp.",)  # where the router lives in a layer
+    bias_fields: tuple[str, ...] = ()  # which of q/k/v/o projections carry biases
+    qk_norm_keys: bool = False
+
+    def __init__(self, spec: ModelSpec, files: CheckpointFiles, device, dtype: torch.dtype):
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+
+        def load(*keys, shape=None):
+            return files.first(*keys, shape=shape).to(device=device, dtype=dtype)
+
+        s = spec
+        self.embed = load("model.embed_tokens.weight", shape=(s.vocab_size, s.hidden_size))
+        self.final_norm = load("model.norm.weight", shape=(s.hidden_size,))
+        if "lm_head.weight" in files or not s.tie_word_embeddings:
+            self.lm_head = load("lm_head.weight", shape=(s.vocab_size, s.hidden_size))
+        else:
+            self.lm_head = self.embed
+        self.layers = [self._load_layer(i, load) for i in range(s.num_layers)]
+        self.rotary = Rotary(s.head_dim, s.rope_theta, s.max_position_embeddings, device, dtype)
+
+    def _load_layer(self, i: int, load) -> AttnLayer:
+        s, p = self.spec, f"model.layers.{i}."
+        h, q, kv = s.hidden_size, s.q_size, s.kv_size
+        sizes = {"q": q, "k": kv, "v": kv, "o": h}
+        layer = AttnLayer(
+            input_norm=load(p + "input_layernorm.weight", shape=(h,)),
+            q_w=load(p + "self_attn.q_proj.weight", shape=(q, h)),
+            k_w=load(p + "self_attn.k_proj.weight", shape=(kv, h)),
+            v_w=load(p + "self_attn.v_proj.weight", shape=(kv, h)),
+            o_w=load(p + "self_attn.o_proj.weight", shape=(h, q)),
+            post_norm=load(p + "post_attention_layernorm.weight", shape=(h,)),
+            router=None,
+        )
+        if s.moe_layers[i]:
+            keys = [p + prefix + "gate.weight" for prefix in self.moe_prefixes]
+            layer.router = load(*keys, shape=(s.num_experts, h))
+        for name in self.bias_fields:
+            setattr(layer, f"{name}_b", load(p + f"self_attn.{name}_proj.bias", shape=(sizes[name],)))
+        if self.qk_norm_keys:
+            q_shape, k_shape = self.qk_norm_shapes()
+            layer.q_norm = load(p + "self_attn.q_norm.weight", shape=q_shape)
+            layer.k_norm = load(p + "self_attn.k_norm.weight", shape=k_shape)
+        return layer
+
+    def qk_norm_shapes(self) -> tuple[tuple[int], tuple[int]]:
+        return (self.spec.head_dim,), (self.spec.head_dim,)
+
+    # -- forward pieces ---------------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed)
+
+    def qkv(self, layer: AttnLayer, h: torch.Tensor):
+        """Projects h [tokens, hidden] to q [T, heads, d], k and v [T, kv_heads, d]."""
+        s = self.spec
+        q = F.linear(h, layer.q_w, layer.q_b)
+        k = F.linear(h, layer.k_w, layer.k_b)
+        v = F.linear(h, layer.v_w, layer.v_b)
+        q, k, v = self.qk_norm(layer, q, k, v)
+        return (
+            q.view(-1, s.num_heads, s.head_dim),
+            k.view(-1, s.num_kv_heads, s.head_dim),
+            v.view(-1, s.num_kv_heads, s.head_dim),
+        )
+
+    def qk_norm(self, layer: AttnLayer, q, k, v):
+        """Hook for architectures that normalize q and k; the default does nothing."""
+        return q, k, v
+
+    def route(self, layer: AttnLayer, h: torch.Tensor) -> Routing:
+        """Softmax router in float32, top-k, optionally renormalized (transformers' order)."""
+        if layer.router is None:
+            return Routing(None, None)
+        logits = F.linear(h, layer.router)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
+        if self.renormalize():
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return Routing(ids, weights.to(h.dtype))
+
+    def renormalize(self) -> bool:
+        return self.spec.norm_topk_prob
+
+    def attention_block(self, i: int, x: torch.Tensor, batch, attn) -> tuple:
+        """Runs layer i up to the FFN: returns (residual stream, FFN input, routing).
+
+        `attn(i, q, k, v, batch)` stores k/v in the KV pool and returns [T, heads*d].
+        """
+        layer = self.layers[i]
+        h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
+        q, k, v = self.qkv(layer, h)
+        q = self.rotary.apply(q, batch.positions)
+        k = self.rotary.apply(k, batch.positions)
+        o = attn(i, q, k, v, batch)
+        x = x + F.linear(o, layer.o_w, layer.o_b)
+        h = rms_norm(x, layer.post_norm, self.spec.rms_norm_eps)
+        return x, h, self.route(layer, h)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
+
+    def nbytes(self) -> int:
+        tensors = [self.embed, self.final_norm]
+        if self.lm_head is not self.embed:
+            tensors.append(self.lm_head)
+        for layer in self.layers:
+            tensors.extend(vars(layer).values())
+        return _nbytes(tensors)
+
+
+@dataclass
+class FFNLayer:
+    w13: torch.Tensor | None = None  # routed experts [E_local, 2I, H] (gate rows, then up)
+    w2: torch.Tensor | None = None  # [E_local, H, I]
+    local_index: torch.Tensor | None = None  # global expert id -> local row, -1 if not owned
+    shared_w13: torch.Tensor | None = None  # shared expert or dense MLP [2I, H]
+    shared_w2: torch.Tensor | None = None  # [H, I]
+    shared_gate: torch.Tensor | None = None  # [1, H]: sigmoid gate of the shared expert
+
+
+class FFNHalf:
+    """Routed experts, shared expert and dense MLPs of one model, or of a subset of its experts.
+
+    `experts=None` loads every expert; a list loads only those (one FFN server's share), and
+    `forward` then returns the partial sum over the owned experts.
+    """
+
+    moe_prefixes: tuple[str, ...] = ("mlp.",)
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    shared_prefix: str | None = None  # e.g. "mlp.shared_expert." (with gate "mlp.shared_expert_gate")
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        files: CheckpointFiles,
+        device,
+        dtype: torch.dtype,
+        experts: list[int] | None = None,
+        with_shared: bool = True,
+    ):
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.experts = list(range(spec.num_experts)) if experts is None else sorted(experts)
+        self.with_shared = with_shared
+        self.layers = [self._load_layer(files, i) for i in range(spec.num_layers)]
+
+    def _load(self, files, *keys, shape=None):
+        return files.first(*keys, shape=shape).to(device=self.device, dtype=self.dtype)
+
+    def _load_layer(self, files: CheckpointFiles, i: int) -> FFNLayer:
+        s, p = self.spec, f"model.layers.{i}."
+        h = s.hidden_size
+        if not s.moe_layers[i]:
+            if not self.with_shared:
+                return FFNLayer()
+            gate, up, down = (f"{p}mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
+            return self._dense(files, gate, up, down, s.dense_intermediate_size)
+        layer = FFNLayer()
+        if self.experts:
+            layer.w13, layer.w2 = self._load_experts(files, p)
+            index = torch.full((s.num_experts,), -1, dtype=torch.int64)
+            index[self.experts] = torch.arange(len(self.experts))
+            layer.local_index = index.to(self.device)
+        if self.shared_prefix and self.with_shared:
+            sp = p + self.shared_prefix
+            n = s.shared_expert_intermediate_size
+            shared = self._dense(files, sp + "gate_proj.weight", sp + "up_proj.weight",
+                                 sp + "down_proj.weight", n)
+            layer.shared_w13, layer.shared_w2 = shared.shared_w13, shared.shared_w2
+            gate_key = p + self.shared_prefix.rstrip(".") + "_gate.weight"
+            layer.shared_gate = self._load(files, gate_key, shape=(1, h))
+        return layer
+
+    def _dense(self, files, gate_key, up_key, down_key, inter: int) -> FFNLayer:
+        h = self.spec.hidden_size
+        gate = self._load(files, gate_key, shape=(inter, h))
+        up = self._load(files, up_key, shape=(inter, h))
+        down = self._load(files, down_key, shape=(h, inter))
+        return FFNLayer(shared_w13=torch.cat([gate, up], dim=0), shared_w2=down)
+
+    def _load_experts(self, files: CheckpointFiles, p: str):
+        """Stacks the owned experts; accepts per-expert tensors or fused 3D tensors."""
+        s = self.spec
+        h, inter, e = s.hidden_size, s.moe_intermediate_size, s.num_experts
+        for prefix in self.moe_prefixes:
+            fused = f"{p}{prefix}experts.gate_up_proj"
+            if fused in files:
+                w13 = files.get(fused, shape=(e, 2 * inter, h))[self.experts]
+                w2 = files.get(f"{p}{prefix}experts.down_proj", shape=(e, h, inter))[self.experts]
+                return w13.to(self.device, self.dtype), w2.to(self.device, self.dtype)
+        g, u, d = self.expert_names
+        w13, w2 = [], []
+        for x in self.experts:
+            keys = [f"{p}{prefix}experts.{x}." for prefix in self.moe_prefixes]
+            gate = self._load(files, *(k + g + ".weight" for k in keys), shape=(inter, h))
+            up = self._load(files, *(k + u + ".weight" for k in keys), shape=(inter, h))
+            w13.append(torch.cat([gate, up], dim=0))
+            w2.append(self._load(files, *(k + d + ".weight" for k in keys), shape=(h, inter)))
+        return torch.stack(w13), torch.stack(w2)
+
+    def forward(self, i: int, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """FFN output of layer i for h [tokens, hidden] (partial if experts are a subset)."""
+        layer = self.layers[i]
+        out = torch.zeros_like(h)
+        if layer.w13 is not None and routing.topk_ids is not None:
+            out = self._routed(layer, h, routing, out)
+        if layer.shared_w13 is not None:
+            shared = _swiglu(h, layer.shared_w13, layer.shared_w2)
+            if layer.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(h, layer.shared_gate)) * shared
+            out = out + shared
+        return out
+
+    def _routed(self, layer: FFNLayer, h, routing: Routing, out: torch.Tensor) -> torch.Tensor:
+        # Reference path: loop over the owned experts that received tokens. The fused Triton
+        # kernel (crosspool_kernels) replaces this on GPU.
+        local = layer.local_index[routing.topk_ids]  # [T, k], -1 where another server owns it
+        for row in torch.unique(local[local >= 0]).tolist():
+            token_idx, slot = torch.where(local == row)
+            y = _swiglu(h[token_idx], layer.w13[row], layer.w2[row])
+            y = y * routing.topk_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def nbytes(self) -> int:
+        return _nbytes(t for layer in self.layers for t in vars(layer).values()
+                       if t is not None and t.dtype != torch.int64)
+
+
+def _swiglu(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(h, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)

@@ -1,0 +1,217 @@
+"""Architecture-neutral view of a Hugging Face MoE checkpoint's config.json.
+
+In: a checkpoint directory (config.json, optional generation_config.json).
+Out: a frozen `ModelSpec` with every number the engine, the KV pool and the planner need.
+
+Checkpoints spell some fields differently across families and transformers versions
+(`num_experts` / `num_local_experts`, `rope_theta` / `rope_parameters`); each field is read
+from the first spelling present, and a missing or malformed field raises `CheckpointError`
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served: unsupported architecture or malformed files."""
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes and options of one MoE decoder-only model (derived once from config.json)."""
+
+    model_type: str
+    path: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    shared_expert_intermediate_size: int  # 0: no shared expert
+    dense_intermediate_size: int  # for layers that are dense MLPs (mlp_only_layers)
+    moe_layers: tuple[bool, ...]  # per layer: True for a sparse MoE block
+    attention_bias: bool
+    clip_qkv: float | None
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    checkpoint_dtype: str
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.num_layers * self.kv_size * _DTYPE_BYTES[dtype]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+class ConfigReader:
+    """Reads fields from one config.json, trying alternative spellings, with clear errors."""
+
+    _MISSING = object()
+
+    def __init__(self, raw: dict[str, Any], file: Path):
+        self.raw = raw
+        self.file = file
+
+    def get(self, *names: str, default: Any = _MISSING, kind: type | tuple = (int,)) -> Any:
+        for name in names:
+            if name in self.raw and self.raw[name] is not None:
+                value = self.raw[name]
+                kinds = _tuple(kind)
+                is_bool_for_number = isinstance(value, bool) and bool not in kinds
+                if not isinstance(value, kinds) or is_bool_for_number:
+                    raise CheckpointError(
+                        f"{self.file}: field '{name}' has value {value!r}, expected {_names(kind)}"
+                    )
+                return value
+        if default is self._MISSING:
+            raise CheckpointError(f"{self.file}: missing field '{' or '.join(names)}'")
+        return default
+
+    def positive(self, *names: str, default: Any = _MISSING) -> int:
+        value = self.get(*names, default=default)
+        if value <= 0:
+            raise CheckpointError(f"{self.file}: field '{names[0]}' must be > 0, got {value}")
+        return value
+
+
+def _tuple(kind):
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _names(kind) -> str:
+    return " or ".join(k.__name__ for k in _tuple(kind))
+
+
+def _rope_theta(cfg: ConfigReader) -> float:
+    params = cfg.raw.get("rope_parameters") or cfg.raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{cfg.file}: field 'rope_parameters' must be an object")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise CheckpointError(
+            f"{cfg.file}: field 'rope_parameters.rope_type' = {rope_type!r} is not supported "
+            "(only the default rotary embedding is)"
+        )
+    theta = params.get("rope_theta", cfg.raw.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise CheckpointError(f"{cfg.file}: field 'rope_theta' must be a positive number")
+    return float(theta)
+
+
+def _eos_ids(config: dict, generation: dict) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (generation, config):
+        value = source.get("eos_token_id")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return tuple(ids)
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    """Parses `model_dir/config.json` (+ generation_config.json) into a `ModelSpec`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory")
+    file = model_dir / "config.json"
+    raw = read_json(file)
+    gen_file = model_dir / "generation_config.json"
+    generation = read_json(gen_file) if gen_file.exists() else {}
+    cfg = ConfigReader(raw, file)
+    model_type = cfg.get("model_type", kind=str)
+
+    hidden = cfg.positive("hidden_size")
+    num_heads = cfg.positive("num_attention_heads")
+    num_kv_heads = cfg.positive("num_key_value_heads", default=num_heads)
+    head_dim = cfg.get("head_dim", default=None) or hidden // num_heads
+    if num_heads % num_kv_heads:
+        raise CheckpointError(
+            f"{file}: num_attention_heads ({num_heads}) is not a multiple of "
+            f"num_key_value_heads ({num_kv_heads})"
+        )
+    num_layers = cfg.positive("num_hidden_layers")
+    num_experts = cfg.positive("num_experts", "num_local_experts")
+    top_k = cfg.positive("num_experts_per_tok")
+    if top_k > num_experts:
+        raise CheckpointError(f"{file}: num_experts_per_tok ({top_k}) > num_experts")
+    dense_intermediate = cfg.get("intermediate_size", default=0)
+    moe_intermediate = cfg.get("moe_intermediate_size", default=0) or dense_intermediate
+    if moe_intermediate <= 0:
+        raise CheckpointError(f"{file}: missing field 'moe_intermediate_size' or 'intermediate_size'")
+    sparse_step = cfg.get("decoder_sparse_step", default=1)
+    mlp_only = set(cfg.get("mlp_only_layers", default=[], kind=list))
+    moe_layers = tuple(
+        i not in mlp_only and (i + 1) % max(sparse_step, 1) == 0 for i in range(num_layers)
+    )
+    if not all(moe_layers) and dense_intermediate <= 0:
+        raise CheckpointError(f"{file}: dense layers need field 'intermediate_size'")
+    window_on = raw.get("use_sliding_window", model_type == "mixtral")
+    if window_on and raw.get("sliding_window"):
+        raise CheckpointError(
+            f"{file}: field 'sliding_window' = {raw['sliding_window']}: sliding-window attention "
+            "is not supported"
+        )
+    dtype = raw.get("torch_dtype", raw.get("dtype", "float32"))
+    bias = cfg.get("attention_bias", "qkv_bias", default=model_type == "qwen2_moe", kind=bool)
+    return ModelSpec(
+        model_type=model_type,
+        path=str(model_dir),
+        vocab_size=cfg.positive("vocab_size"),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", default=1e-6, kind=(int, float))),
+        rope_theta=_rope_theta(cfg),
+        max_position_embeddings=cfg.positive("max_position_embeddings", default=4096),
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=cfg.get("norm_topk_prob", default=model_type == "mixtral", kind=bool),
+        shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", default=0),
+        dense_intermediate_size=dense_intermediate,
+        moe_layers=moe_layers,
+        attention_bias=bias,
+        clip_qkv=cfg.get("clip_qkv", default=None, kind=(int, float)),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", default=False, kind=bool),
+        eos_token_ids=_eos_ids(raw, generation),
+        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
+        checkpoint_dtype=dtype if dtype in _DTYPE_BYTES else "float32",
+    )
