@@ -98,15 +98,20 @@ class EngineCore:
         self.states: dict[str, RequestState] = {}
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.config.random_seed)
+        # Called with (rid, raw logits row) before each sampled token: for tests and tracing.
+        self.logits_observer = None
 
     # -- requests -----------------------------------------------------------------------------
 
+    def check_model(self, name: str) -> None:
+        if name not in self.attention:
+            raise UnknownModel(
+                f"model {name!r} is not served; served models: "
+                f"{', '.join(self.config.model_names)}")
+
     def validate(self, req: EngineRequest) -> int:
         """Checks a request; returns its max_new_tokens clipped to the context length."""
-        if req.model not in self.attention:
-            raise UnknownModel(
-                f"model {req.model!r} is not served; served models: "
-                f"{', '.join(self.config.model_names)}")
+        self.check_model(req.model)
         entry = self.config.model(req.model)
         ids = req.input_ids
         if not ids:
@@ -213,6 +218,8 @@ class EngineCore:
         if plan.sample_row is None:
             return False
         row = logits[plan.sample_row]
+        if self.logits_observer is not None:
+            self.logits_observer(req.rid, row)
         token = choose(row, state.sampling, self.generator)
         if req.return_logprob:
             chosen, tops = token_logprobs(row[None], [token], req.top_logprobs_num)

@@ -31,6 +31,7 @@ class Engine:
                     f"model: this engine serves several models ({', '.join(self.models)}); "
                     "name one")
             return self.models[0]
+        self.core.check_model(model)
         return model
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, model=None,

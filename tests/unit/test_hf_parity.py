@@ -1,0 +1,96 @@
+"""Greedy tokens and per-step logits of the engine against transformers' own forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_crosspool import Engine
+from sglang_crosspool.testing.checkpoints import ARCHS
+
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11],
+    [100, 200, 300],
+    [42] * 21,
+    list(range(1, 41)),
+    [900],
+]
+NEW_TOKENS = 32
+GREEDY = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+
+
+def hf_greedy(hf, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    out = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), [x[0] for x in out.logits]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_and_logits_match_hf(arch, tiny_models, hf_models):
+    # A small prefill chunk makes the batch mix chunked prefills with decodes.
+    engine = Engine(tiny_models[arch], dtype="float32", chunked_prefill_size=16)
+    seen: dict[str, list[torch.Tensor]] = {}
+    engine.core.logits_observer = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
+    rids = [f"r{i}" for i in range(len(PROMPTS))]
+    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, rid=rids)
+    hf = hf_models(arch)
+    for prompt, out, rid in zip(PROMPTS, outs, rids):
+        ref_ids, ref_logits = hf_greedy(hf, prompt)
+        assert out["output_ids"] == ref_ids
+        assert len(seen[rid]) == NEW_TOKENS
+        for step, (ours, ref) in enumerate(zip(seen[rid], ref_logits)):
+            rel = (ours - ref).abs().max() / ref.abs().max()
+            assert rel < 1e-4, f"{arch} prompt {len(prompt)} step {step}: rel err {rel:.2e}"
+    assert engine.stats()["kv"]["used_pages"] == 0
+
+
+def test_output_and_input_logprobs_match_hf(tiny_models, hf_models):
+    arch = "qwen2_moe"
+    engine = Engine(tiny_models[arch])
+    prompt = list(range(50, 70))
+    out = engine.generate(input_ids=prompt, sampling_params=dict(GREEDY, max_new_tokens=4),
+                          return_logprob=True, logprob_start_len=0, top_logprobs_num=3)
+    meta = out["meta_info"]
+    full = torch.tensor([prompt + out["output_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_models(arch)(full).logits[0].float(), dim=-1)
+    inputs = meta["input_token_logprobs"]
+    assert inputs[0] == (None, prompt[0], None) and len(inputs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        lp, tok, _ = inputs[pos]
+        assert tok == prompt[pos]
+        assert lp == pytest.approx(logp[pos - 1, tok].item(), abs=1e-4)
+    for i, (lp, tok, _) in enumerate(meta["output_token_logprobs"]):
+        row = len(prompt) - 1 + i
+        assert lp == pytest.approx(logp[row, tok].item(), abs=1e-4)
+        top = meta["output_top_logprobs"][i]
+        assert [t for _, t, _ in top] == torch.topk(logp[row], 3).indices.tolist()
+        assert top[0][1] == tok  # greedy picks the top-1
+    assert meta["input_top_logprobs"][0] is None and len(meta["input_top_logprobs"][1]) == 3
+
+
+def test_default_logprob_start_scores_last_prompt_token_only(tiny_models):
+    engine = Engine(tiny_models["olmoe"])
+    out = engine.generate(input_ids=[3, 4, 5, 6], sampling_params={"max_new_tokens": 2},
+                          return_logprob=True)
+    assert [t for _, t, _ in out["meta_info"]["input_token_logprobs"]] == [6]
+    assert len(out["meta_info"]["output_token_logprobs"]) == 2
+
+
+def test_prefill_only_request_scores_the_prompt(tiny_models):
+    engine = Engine(tiny_models["mixtral"], chunked_prefill_size=8)
+    prompt = list(range(10, 30))
+    scored = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0},
+                             return_logprob=True, logprob_start_len=5)
+    assert scored["output_ids"] == [] and scored["meta_info"]["completion_tokens"] == 0
+    assert scored["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    lps = scored["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in lps] == prompt[5:]
+    # The same positions scored in one unchunked pass agree.
+    whole = Engine(tiny_models["mixtral"], chunked_prefill_size=512).generate(
+        input_ids=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+        logprob_start_len=5)
+    for a, b in zip(lps, whole["meta_info"]["input_token_logprobs"]):
+        assert a[0] == pytest.approx(b[0], abs=1e-5)
+    assert engine.stats()["kv"]["used_pages"] == 0
