@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from sglang_crosspool.testing.checkpoints import ARCHS, make_model
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one thread avoids thread-pool stalls on a 2-core machine.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
