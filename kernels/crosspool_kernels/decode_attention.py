@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from crosspool_kernels._common import cdiv, dot_precision, host_max, next_pow2, triton, tl
+from crosspool_kernels._common import cdiv, dot_precision, host_max, next_pow2, tl, triton
 from crosspool_kernels.tuned import get_config
 
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "num_splits": 0,
@@ -161,11 +161,11 @@ def decode_attention(
     ctx = ctx_lens if isinstance(ctx_lens, torch.Tensor) else torch.tensor(
         list(ctx_lens), device=q.device, dtype=torch.int32)
     group = num_heads // num_kv_heads
-    common = dict(
-        GROUP=group, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    common = {
+        "GROUP": group, "BLOCK_H": max(16, next_pow2(group)), "BLOCK_N": cfg["BLOCK_N"],
+        "BLOCK_D": max(16, next_pow2(head_dim)), "DOT_PREC": dot_precision(q.dtype),
+        "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+    }
     grid = (batch, num_kv_heads, num_splits)
     scale_log2 = sm_scale * math.log2(math.e)
     if num_splits == 1:
@@ -208,7 +208,7 @@ def decode_attention_ref(
     **_,
 ) -> torch.Tensor:
     """Eager float32 softmax attention per sequence (extra keyword arguments are ignored)."""
-    batch, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // k_cache.shape[1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     out = torch.zeros_like(q) if out is None else out

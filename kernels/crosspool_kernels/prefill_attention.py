@@ -17,8 +17,15 @@ import math
 
 import torch
 
-from crosspool_kernels._common import cdiv, dot_precision, host_max, index_tensor, next_pow2
-from crosspool_kernels._common import triton, tl
+from crosspool_kernels._common import (
+    cdiv,
+    dot_precision,
+    host_max,
+    index_tensor,
+    next_pow2,
+    tl,
+    triton,
+)
 from crosspool_kernels.decode_attention import context_slots
 from crosspool_kernels.tuned import get_config
 
@@ -82,8 +89,9 @@ def _prefill_kernel(
                  out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
-def prefill_config(head_dim: int, device, dtype: torch.dtype) -> dict:
-    return get_config("prefill_attention", {"D": head_dim}, device, dtype, DEFAULT_CONFIG)
+def prefill_config(head_dim: int, max_q_len: int, device, dtype: torch.dtype) -> dict:
+    return get_config("prefill_attention", {"D": head_dim}, device, dtype, DEFAULT_CONFIG,
+                      batch=max_q_len)
 
 
 def prefill_attention(
@@ -108,7 +116,7 @@ def prefill_attention(
     if batch == 0 or max_q_len == 0 or num_tokens == 0:
         return out
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    cfg = config or prefill_config(head_dim, q.device, q.dtype)
+    cfg = config or prefill_config(head_dim, max_q_len, q.device, q.dtype)
     dev = q.device
     grid = (batch, num_heads, cdiv(max_q_len, cfg["BLOCK_M"]))
     _prefill_kernel[grid](

@@ -9,7 +9,7 @@ One program per row; rows up to 64k wide fit one block.
 
 import torch
 
-from crosspool_kernels._common import next_pow2, triton, tl
+from crosspool_kernels._common import next_pow2, tl, triton
 
 
 @triton.jit

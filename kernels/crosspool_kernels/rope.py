@@ -9,7 +9,7 @@ One program per token covers all of its q and k heads.
 
 import torch
 
-from crosspool_kernels._common import next_pow2, triton, tl
+from crosspool_kernels._common import next_pow2, tl, triton
 
 
 @triton.jit

@@ -7,7 +7,7 @@ written in place (cast to the cache dtype).
 
 import torch
 
-from crosspool_kernels._common import next_pow2, triton, tl
+from crosspool_kernels._common import next_pow2, tl, triton
 
 
 @triton.jit
