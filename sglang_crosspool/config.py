@@ -37,6 +37,11 @@ class EngineConfig:
     kv_budget_bytes: int
     attention_backend: str
     random_seed: int
+    pool_mode: str  # static | monolithic | crosspool
+    ffn_servers: int  # crosspool: processes in the weights pool
+    ffn_transport: str  # crosspool: local | shm | dist
+    ffn_device: str  # crosspool: where FFN servers put their weights
+    dist_backend: str  # for ffn_transport="dist": gloo (CPU) or nccl (GPU)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -67,6 +72,11 @@ class EngineConfig:
         kv_budget_bytes: int = 256 << 20,
         attention_backend: str = "torch",
         random_seed: int = 0,
+        pool_mode: str = "monolithic",
+        ffn_servers: int = 1,
+        ffn_transport: str = "local",
+        ffn_device: str | None = None,
+        dist_backend: str | None = None,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -85,8 +95,23 @@ class EngineConfig:
                            ("chunked_prefill_size", chunked_prefill_size)):
             if value < 1:
                 raise ValueError(f"{key}: must be >= 1, got {value}")
+        _choice("pool_mode", pool_mode, POOL_MODES)
+        _choice("ffn_transport", ffn_transport, FFN_TRANSPORTS)
+        if ffn_servers < 1:
+            raise ValueError(f"ffn_servers: must be >= 1, got {ffn_servers}")
+        dist_backend = dist_backend or ("gloo" if device == "cpu" else "nccl")
         return cls(tuple(entries), device, dtype, max_running_requests, chunked_prefill_size,
-                   kv_page_bytes, kv_pages, kv_budget_bytes, attention_backend, random_seed)
+                   kv_page_bytes, kv_pages, kv_budget_bytes, attention_backend, random_seed,
+                   pool_mode, ffn_servers, ffn_transport, ffn_device or device, dist_backend)
+
+
+POOL_MODES = ("static", "monolithic", "crosspool")
+FFN_TRANSPORTS = ("local", "shm", "dist")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
 
 
 def _served_names(paths: list, names) -> list[str]:

@@ -8,6 +8,7 @@ the server runs the same core in its own process behind ZeroMQ.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from sglang_crosspool.engine.model_runner import ModelRunner
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprobs
 from sglang_crosspool.engine.sampling_params import InvalidRequest
-from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
+from sglang_crosspool.ffn.executor import FFNExecutor
+from sglang_crosspool.ffn.factory import make_ffn_executor
+from sglang_crosspool.transport.links import FFNServerError
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import make_backend
 from sglang_crosspool.models.checkpoint import CheckpointFiles
@@ -30,8 +33,15 @@ from sglang_crosspool.models.registry import get_architecture
 from sglang_crosspool.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 
+log = logging.getLogger("sglang_crosspool.engine")
+
+
 class UnknownModel(InvalidRequest):
     """The request names a model this engine does not serve."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take requests (an FFN server died); servers answer 503."""
 
 
 @dataclass
@@ -59,16 +69,14 @@ class EngineCore:
     def _init_models(self, ffn: FFNExecutor | None) -> None:
         self.attention = {}
         self.tokenizers = {}
-        ffn_halves = {}
         for entry in self.config.models:
             arch = get_architecture(entry.spec.model_type)
             files = CheckpointFiles(entry.path)
             dtype = self.config.torch_dtype
             self.attention[entry.name] = arch.attention_cls(entry.spec, files, self.device, dtype)
-            if ffn is None:
-                ffn_halves[entry.name] = arch.ffn_cls(entry.spec, files, self.device, dtype)
             self.tokenizers[entry.name] = load_tokenizer(entry.path)
-        self.ffn = ffn or LocalFFNExecutor(ffn_halves)
+        self.ffn = ffn or make_ffn_executor(self.config)
+        self.unavailable: str | None = None
 
     def _init_kv_pool(self) -> None:
         cfg = self.config
@@ -80,6 +88,11 @@ class EngineCore:
             self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
                                    cfg.torch_dtype,
                                    max_tokens=entry.context_length * cfg.max_running_requests)
+        if cfg.pool_mode == "static":
+            # Each model gets a fixed, equal slice of the budget that others cannot use.
+            share = pages // len(cfg.models)
+            for entry in cfg.models:
+                self.kv_pool.set_quota(entry.name, share)
 
     def _init_runners(self) -> None:
         backend_cls = get_attention_backend(self.config.attention_backend)
@@ -133,6 +146,8 @@ class EngineCore:
 
     def add_request(self, req: EngineRequest) -> RequestState:
         """Validates and queues a request; raises InvalidRequest and changes nothing if bad."""
+        if self.unavailable:
+            raise EngineUnavailable(self.unavailable)
         max_new = self.validate(req)
         sched = SchedReq(req.rid, req.model, list(req.input_ids), max_new)
         tokenizer = self.tokenizers[req.model]
@@ -177,7 +192,10 @@ class EngineCore:
         runner = self.runners[batch.model]
         fb = ForwardBatch.build(batch, self.kv_pool.block_tokens(batch.model), self.device)
         rows, plans = self._plan_rows(batch, fb)
-        logits = runner.forward(fb, torch.tensor(rows, dtype=torch.int64, device=self.device))
+        try:
+            logits = runner.forward(fb, torch.tensor(rows, dtype=torch.int64, device=self.device))
+        except FFNServerError as e:
+            return self._fail_all(f"the weights pool failed: {e}")
         self.scheduler.advance(batch)
         return [p.state for p in plans if self._postprocess(p, logits)]
 
@@ -258,10 +276,25 @@ class EngineCore:
         self.scheduler.finish(state.sched)
         self.states.pop(state.req.rid, None)
 
+    def _fail_all(self, message: str) -> list[RequestState]:
+        """Ends every request in flight with an error; new requests are refused after this."""
+        log.error("%s; ending %d requests in flight, refusing new ones", message,
+                  len(self.states))
+        self.unavailable = message
+        return [self.abort(rid, message) for rid in list(self.states)]
+
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        return {"kv": self.kv_pool.stats(), "scheduler": self.scheduler.stats()}
+        return {
+            "kv": self.kv_pool.stats(),
+            "scheduler": self.scheduler.stats(),
+            "pool_mode": self.config.pool_mode,
+            "attention_bytes": sum(a.nbytes() for a in self.attention.values()),
+            "ffn_bytes_here": self.ffn.local_bytes(),
+            "ffn_bytes_per_server": self.ffn.server_bytes(),
+            "unavailable": self.unavailable,
+        }
 
     def shutdown(self) -> None:
         self.ffn.close()

@@ -30,15 +30,40 @@ class FFNExecutor(ABC):
     def close(self) -> None:
         """Releases connections or processes; the in-process executor holds none."""
 
+    def local_bytes(self) -> int:
+        """Bytes of FFN weights held in this process."""
+        return 0
+
+    def server_bytes(self) -> list[int]:
+        """Bytes of FFN weights held by each FFN server (this process counts as one if local)."""
+        return [self.local_bytes()]
+
 
 class LocalFFNExecutor(FFNExecutor):
-    """Runs every model's FFN half in this process, on the same device as attention."""
+    """Runs every model's FFN in this process, on the same device as attention.
 
-    def __init__(self, halves: dict[str, FFNHalf]):
-        self.halves = halves
+    A model's FFN may be one half or several expert subsets (crosspool with the `local`
+    transport: in-process FFN servers), whose partial outputs are summed.
+    """
+
+    def __init__(self, halves: dict[str, FFNHalf | list[FFNHalf]]):
+        self.halves = {k: v if isinstance(v, list) else [v] for k, v in halves.items()}
 
     def submit(self, model, layer, hidden, routing):
-        return self.halves[model].forward(layer, hidden, routing)
+        parts = self.halves[model]
+        out = parts[0].forward(layer, hidden, routing)
+        for part in parts[1:]:
+            out = out + part.forward(layer, hidden, routing)
+        return out
 
     def wait(self, handle):
         return handle
+
+    def local_bytes(self) -> int:
+        return sum(self.server_bytes())
+
+    def server_bytes(self) -> list[int]:
+        """Per in-process FFN server (expert subset), summed over models."""
+        servers = max(len(parts) for parts in self.halves.values())
+        return [sum(parts[i].nbytes() for parts in self.halves.values() if i < len(parts))
+                for i in range(servers)]

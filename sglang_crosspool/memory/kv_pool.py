@@ -36,6 +36,7 @@ class ModelKV:
     v: list[torch.Tensor]
     free_blocks: list[int] = field(default_factory=list)
     blocks_in_use: int = 0
+    quota_pages: int | None = None  # static pool mode: this model's fixed slice
 
     @property
     def pages_per_block(self) -> int:
@@ -85,6 +86,10 @@ class KVPool:
         self.models[name] = kv
         return kv
 
+    def set_quota(self, model: str, pages: int) -> None:
+        """Caps a model at `pages` physical pages (the static pool mode's fixed slice)."""
+        self.models[model].quota_pages = pages
+
     # -- KVAllocator protocol (used by the pure-Python scheduler) ---------------------------
 
     def block_tokens(self, model: str) -> int:
@@ -93,11 +98,16 @@ class KVPool:
     def max_blocks(self, model: str) -> int:
         """The most blocks one model can ever hold: its virtual range or the whole budget."""
         kv = self.models[model]
-        return min(kv.num_blocks, self.total_pages // kv.pages_per_block)
+        pages = self.total_pages if kv.quota_pages is None else kv.quota_pages
+        return min(kv.num_blocks, pages // kv.pages_per_block)
 
     def can_alloc(self, model: str, n: int) -> bool:
         kv = self.models[model]
-        return n <= len(kv.free_blocks) and n * kv.pages_per_block <= self.free_pages
+        pages = n * kv.pages_per_block
+        if kv.quota_pages is not None and kv.blocks_in_use * kv.pages_per_block + pages > \
+                kv.quota_pages:
+            return False
+        return n <= len(kv.free_blocks) and pages <= self.free_pages
 
     def alloc_blocks(self, model: str, n: int) -> list[int] | None:
         """Maps n blocks for `model`, all or nothing."""

@@ -1,0 +1,46 @@
+"""Builds the FFN executor that the engine's pool mode asks for.
+
+- `static`, `monolithic`: every model's whole FFN in this process (next to attention).
+- `crosspool` + `local`: the weights pool's expert placement, as in-process FFN servers.
+- `crosspool` + `shm` / `dist`: FFN server processes (the attention side loads no FFN bytes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_crosspool.config import EngineConfig
+from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
+from sglang_crosspool.models.checkpoint import CheckpointFiles
+from sglang_crosspool.models.registry import get_architecture
+
+
+def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
+    from sglang_crosspool.ffn.remote import (
+        FFNServerPool,
+        PoolSpec,
+        RemoteFFNExecutor,
+        balanced_placement,
+    )
+
+    servers = config.ffn_servers if config.pool_mode == "crosspool" else 1
+    placement = balanced_placement({m.name: m.spec.num_experts for m in config.models}, servers)
+    if config.pool_mode == "crosspool" and config.ffn_transport != "local":
+        spec = PoolSpec(
+            models={m.name: m.path for m in config.models}, placement=placement,
+            device=config.ffn_device, dtype=config.dtype, transport=config.ffn_transport,
+            max_tokens=config.chunked_prefill_size,
+            hidden=max(m.spec.hidden_size for m in config.models),
+            max_top_k=max(m.spec.top_k for m in config.models), dist_backend=config.dist_backend)
+        return RemoteFFNExecutor(FFNServerPool(spec))
+    device = torch.device(config.ffn_device)
+    halves = {}
+    for entry in config.models:
+        arch = get_architecture(entry.spec.model_type)
+        files = CheckpointFiles(entry.path)
+        halves[entry.name] = [
+            arch.ffn_cls(entry.spec, files, device, config.torch_dtype, experts=share,
+                         with_shared=i == 0)
+            for i, share in enumerate(placement[entry.name])
+        ]
+    return LocalFFNExecutor(halves)

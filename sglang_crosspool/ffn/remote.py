@@ -1,0 +1,218 @@
+"""The weights pool seen from the attention worker: FFN server processes and their executor.
+
+`FFNServerPool` starts one process per FFN server, hands each its share of every model's
+experts (expert e of model m lives in exactly one server, for all layers; server 0 also holds
+shared experts and dense MLPs), waits until every server reports ready, and watches them.
+`RemoteFFNExecutor` sends each layer's hidden states and routing only to the servers owning
+at least one chosen expert and sums their partial outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from sglang_crosspool.ffn.executor import FFNExecutor
+from sglang_crosspool.ffn.server import FFNServerSpec
+from sglang_crosspool.models.common import Routing
+from sglang_crosspool.transport import messages as m
+from sglang_crosspool.transport.links import DistLink, FFNServerError, ShmLink
+from sglang_crosspool.transport.shm import ShmLayout
+
+
+def balanced_placement(num_experts: dict[str, int], servers: int) -> dict[str, list[list[int]]]:
+    """model -> per server, the expert ids it owns. Experts of one model are equal in size,
+    so dealing them round-robin, continuing across models, balances bytes and load."""
+    placement, turn = {}, 0
+    for model, count in num_experts.items():
+        shares: list[list[int]] = [[] for _ in range(servers)]
+        for expert in range(count):
+            shares[turn % servers].append(expert)
+            turn += 1
+        placement[model] = shares
+    return placement
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    models: dict  # served name -> checkpoint path
+    placement: dict  # name -> per server, expert ids
+    device: str
+    dtype: str
+    transport: str  # "shm" | "dist"
+    max_tokens: int  # per micro-batch
+    hidden: int  # largest hidden size over the models
+    max_top_k: int
+    slots: int = 2  # micro-batches in flight at once
+    dist_backend: str = "gloo"
+    start_timeout_s: float = 300.0
+
+    @property
+    def servers(self) -> int:
+        return len(next(iter(self.placement.values())))
+
+
+class FFNServerPool:
+    def __init__(self, spec: PoolSpec):
+        self.spec = spec
+        self.uid = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._dir = tempfile.mkdtemp(prefix=f"crosspool-{self.uid}-")
+        self.ctx = zmq.Context()
+        self.procs: list[subprocess.Popen] = []
+        self.links = []
+        self.ready: list[m.Ready] = []
+        self._dist = spec.transport == "dist"
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        spec = self.spec
+        world = spec.servers + 1
+        init_method = f"tcp://127.0.0.1:{_free_port()}" if self._dist else None
+        socks = []
+        for i in range(spec.servers):
+            sock = self.ctx.socket(zmq.PAIR)
+            addr = f"ipc://{self._dir}/ffn{i}.sock"
+            sock.bind(addr)
+            socks.append(sock)
+            layout = ShmLayout(f"cp{self.uid}-{i}", spec.slots, spec.max_tokens, spec.hidden,
+                               spec.max_top_k, spec.dtype)
+            server = FFNServerSpec(
+                server_id=i, models=spec.models,
+                experts={name: shares[i] for name, shares in spec.placement.items()},
+                with_shared=i == 0, device=spec.device, dtype=spec.dtype, control_addr=addr,
+                transport=spec.transport,
+                shm=vars(layout) if not self._dist else None,
+                dist={"backend": spec.dist_backend, "init_method": init_method,
+                      "world_size": world} if self._dist else None)
+            alive = self._alive_check(i)
+            if self._dist:
+                link = DistLink(sock, i, alive, getattr(torch, spec.dtype))
+            else:
+                link = ShmLink(sock, i, alive, layout)  # creates the segment before the child
+            self.links.append(link)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sglang_crosspool.ffn.server", server.to_json()]))
+        if self._dist:
+            import torch.distributed as dist
+
+            dist.init_process_group(spec.dist_backend, init_method=init_method, rank=0,
+                                    world_size=world)
+        self.ready = [self._await_ready(i, sock) for i, sock in enumerate(socks)]
+
+    def _alive_check(self, i: int):
+        def check() -> str | None:
+            code = self.procs[i].poll() if i < len(self.procs) else None
+            return None if code is None else f"(pid {self.procs[i].pid}) exited with code {code}"
+
+        return check
+
+    def _await_ready(self, i: int, sock) -> m.Ready:
+        deadline = time.monotonic() + self.spec.start_timeout_s
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                return m.decode(sock.recv())
+            death = self.links[i].alive()
+            if death:
+                raise FFNServerError(f"FFN server {i} {death} during start-up")
+        raise FFNServerError(f"FFN server {i} not ready after {self.spec.start_timeout_s} s")
+
+    def close(self) -> None:
+        for link in self.links:
+            try:
+                link.sock.send(m.encode(m.Shutdown()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for link in self.links:
+            link.close()
+            link.sock.close(linger=0)
+        self.links = []
+        self.procs = []
+        if self._dist:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        self.ctx.term()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RemoteFFNExecutor(FFNExecutor):
+    """Runs FFN halves on the FFN servers of a pool; in-flight micro-batches use distinct slots."""
+
+    def __init__(self, pool: FFNServerPool):
+        self.pool = pool
+        self.links = pool.links
+        self._owner = {}  # model -> tensor: expert id -> server
+        for model, shares in pool.spec.placement.items():
+            owner = torch.empty(sum(len(s) for s in shares), dtype=torch.int64)
+            for server, experts in enumerate(shares):
+                owner[experts] = server
+            self._owner[model] = owner
+        self._free_slots = list(range(pool.spec.slots))[::-1]
+        self.broken: str | None = None
+
+    def submit(self, model, layer, hidden, routing: Routing):
+        if self.broken:
+            raise FFNServerError(self.broken)
+        if hidden.shape[0] > self.pool.spec.max_tokens:
+            raise ValueError(f"{hidden.shape[0]} tokens exceed the transport's "
+                             f"{self.pool.spec.max_tokens}")
+        slot = self._free_slots.pop()
+        targets = {0}  # server 0 holds shared experts and dense layers
+        if routing.topk_ids is not None:
+            used = torch.unique(routing.topk_ids).cpu()
+            targets |= set(torch.unique(self._owner[model][used]).tolist())
+        try:
+            for s in sorted(targets):
+                self.links[s].submit(slot, model, layer, hidden, routing)
+        except Exception as e:
+            self._break(e)
+        return slot, sorted(targets)
+
+    def wait(self, handle):
+        slot, targets = handle
+        try:
+            outs = [self.links[s].wait(slot) for s in targets]
+        except FFNServerError as e:
+            self._break(e)
+        finally:
+            self._free_slots.append(slot)
+        total = outs[0].clone()
+        for out in outs[1:]:
+            total += out
+        return total
+
+    def _break(self, error: Exception):
+        self.broken = str(error)
+        raise FFNServerError(self.broken) from error
+
+    def server_bytes(self) -> list[int]:
+        return [r.ffn_bytes for r in self.pool.ready]
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,50 @@
+"""Typed control messages between an attention worker and an FFN server, and their codec."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ready:
+    server_id: int
+    pid: int
+    ffn_bytes: int  # bytes of FFN weights this server holds
+    attention_bytes: int  # always 0: FFN servers never load attention weights
+    experts: dict  # model -> expert ids held
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One layer of one micro-batch: the data waits in `slot` of the transport."""
+
+    slot: int
+    model: str
+    layer: int
+    num_tokens: int
+    top_k: int  # 0 for a dense layer (no routing sent)
+
+
+@dataclass(frozen=True)
+class Done:
+    slot: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    slot: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+def encode(msg) -> bytes:
+    return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes):
+    return pickle.loads(data)
