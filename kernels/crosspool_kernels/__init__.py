@@ -33,7 +33,6 @@ _OPS: dict[str, tuple[str, str, str]] = {
     "rms_norm": ("rmsnorm", "rms_norm", "rms_norm_ref"),
     "fused_add_rms_norm": ("rmsnorm", "fused_add_rms_norm", "fused_add_rms_norm_ref"),
     "rope": ("rope", "apply_rope", "apply_rope_ref"),
-    "moe_align": ("fused_moe", "moe_align", "moe_align_ref"),
     "fused_moe": ("fused_moe", "fused_moe", "fused_moe_ref"),
     "sample": ("sampling", "top_k_top_p_sample", "top_k_top_p_sample_ref"),
     "greedy": ("sampling", "greedy_sample", "greedy_sample_ref"),

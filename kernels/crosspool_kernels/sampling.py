@@ -176,8 +176,8 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def top_k_top_p_sample_ref(probs: torch.Tensor, uniform: torch.Tensor, top_k=None, top_p=None,
-                           min_p=None, **_) -> torch.Tensor:
+def filter_mask_ref(probs: torch.Tensor, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
+    """[B, V] bool: the tokens that the top-k, top-p and min-p filters keep."""
     batch, vocab = probs.shape
     dev = probs.device
     p = probs.float()
@@ -195,13 +195,19 @@ def top_k_top_p_sample_ref(probs: torch.Tensor, uniform: torch.Tensor, top_k=Non
     upto = torch.searchsorted(asc, in_k, right=True) - 1
     above = cum[:, -1:] - cum.gather(1, upto)
     keep = (p >= thr) & ((above <= (tp * cum[:, -1])[:, None]) | (tp >= 1.0)[:, None])
-    keep &= p >= (mp * p.max(dim=-1).values)[:, None]
+    return keep & (p >= (mp * p.max(dim=-1).values)[:, None])
+
+
+def top_k_top_p_sample_ref(probs: torch.Tensor, uniform: torch.Tensor, top_k=None, top_p=None,
+                           min_p=None, **_) -> torch.Tensor:
+    batch, vocab = probs.shape
+    p = probs.float()
+    keep = filter_mask_ref(probs, top_k, top_p, min_p)
     kept = torch.where(keep, p, torch.zeros_like(p))
     running = torch.cumsum(kept, dim=-1)
-    target = uniform.float().reshape(-1, 1) * running[:, -1:]
-    hit = keep & (running > target)
-    idx = torch.arange(vocab, device=dev).expand(batch, vocab)
-    first = torch.where(hit, idx, vocab).min(dim=-1).values
+    target = _per_row(uniform, batch, probs.device, torch.float32, 0.0)[:, None] * running[:, -1:]
+    idx = torch.arange(vocab, device=probs.device).expand(batch, vocab)
+    first = torch.where(keep & (running > target), idx, vocab).min(dim=-1).values
     last = torch.where(keep, idx, -1).max(dim=-1).values
     return torch.where(first < vocab, first, last)
 
