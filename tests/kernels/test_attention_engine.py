@@ -13,7 +13,7 @@ from sglang_crosspool.engine.attention import TorchAttention
 from sglang_crosspool.engine.forward_batch import ForwardBatch
 
 
-def _batch(blocks, q_lens, ctx_lens, block_tokens):
+def _batch(blocks, q_lens, ctx_lens, block_tokens, device):
     positions, slots, starts = [], [], []
     for table, n, ctx in zip(blocks, q_lens, ctx_lens):
         starts.append(len(positions))
@@ -21,22 +21,25 @@ def _batch(blocks, q_lens, ctx_lens, block_tokens):
             positions.append(p)
             slots.append(table[p // block_tokens] * block_tokens + p % block_tokens)
     width = max(len(t) for t in blocks)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in blocks])
-    ids = torch.zeros(len(positions), dtype=torch.int64)
-    return ForwardBatch(ids, torch.tensor(positions), torch.tensor(slots), starts, list(q_lens),
-                        list(ctx_lens), table, block_tokens)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in blocks], device=device)
+    ids = torch.zeros(len(positions), dtype=torch.int64, device=device)
+    return ForwardBatch(ids, torch.tensor(positions, device=device),
+                        torch.tensor(slots, device=device), starts, list(q_lens), list(ctx_lens),
+                        table, block_tokens)
 
 
-def test_store_then_attend_matches_engine_backend():
+def test_store_then_attend_matches_engine_backend(device):
     torch.manual_seed(0)
     heads, kv_heads, d, bt = 4, 2, 32, 8
     slots = 12 * bt
     blocks = [[5, 2, 9], [0], [7, 3, 11, 1]]
-    fb = _batch(blocks, q_lens=[13, 1, 6], ctx_lens=[20, 4, 30], block_tokens=bt)
-    q = torch.randn(fb.num_tokens, heads, d)
-    k = torch.randn(fb.num_tokens, kv_heads, d)
-    v = torch.randn(fb.num_tokens, kv_heads, d)
-    prefix_k, prefix_v = torch.randn(slots, kv_heads, d), torch.randn(slots, kv_heads, d)
+    fb = _batch(blocks, q_lens=[13, 1, 6], ctx_lens=[20, 4, 30], block_tokens=bt,
+                device=device)
+    q = torch.randn(fb.num_tokens, heads, d, device=device)
+    k = torch.randn(fb.num_tokens, kv_heads, d, device=device)
+    v = torch.randn(fb.num_tokens, kv_heads, d, device=device)
+    prefix_k = torch.randn(slots, kv_heads, d, device=device)
+    prefix_v = torch.randn(slots, kv_heads, d, device=device)
 
     backend = TorchAttention(heads, kv_heads, d)
     backend.prepare(fb)
