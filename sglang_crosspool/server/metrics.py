@@ -1,0 +1,125 @@
+"""Prometheus metrics, with SGLang's names where SGLang has the metric.
+
+Counters and histograms are recorded by the request manager as tokens come back; the gauges
+(running/queued requests, KV pages) are read from the scheduler's latest stats at scrape time.
+Every metric carries a `model_name` label; the pool-wide KV gauges carry `pool="kv"`. Each
+server has its own registry, so two servers in one process (tests) never mix their numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class _SchedulerGauges:
+    """A collector over the scheduler's last stats snapshot (set by the request manager)."""
+
+    def __init__(self, models: list[str]):
+        self.models = models
+        self.stats: dict = {}
+
+    def collect(self):
+        kv = self.stats.get("kv", {})
+        sched = self.stats.get("scheduler", {}).get("models", {})
+        running = GaugeMetricFamily("sglang:num_running_reqs", "Running requests",
+                                    labels=["model_name"])
+        queued = GaugeMetricFamily("sglang:num_queue_reqs", "Requests waiting to run",
+                                   labels=["model_name"])
+        used_tokens = GaugeMetricFamily("sglang:num_used_tokens",
+                                        "KV token slots in use (whole blocks)",
+                                        labels=["model_name"])
+        model_pages = GaugeMetricFamily("sglang_crosspool:kv_pages_used",
+                                        "Physical KV pages mapped for the model",
+                                        labels=["model_name"])
+        for m in self.models:
+            q = sched.get(m, {})
+            running.add_metric([m], q.get("running", 0))
+            queued.add_metric([m], q.get("waiting", 0))
+            mk = kv.get("models", {}).get(m, {})
+            used_tokens.add_metric([m], mk.get("tokens_capacity_in_use", 0))
+            model_pages.add_metric([m], mk.get("pages_in_use", 0))
+        yield from (running, queued, used_tokens, model_pages)
+        for name, key, doc in (
+            ("sglang_crosspool:kv_pool_pages_used", "used_pages", "KV pool pages in use"),
+            ("sglang_crosspool:kv_pool_pages_free", "free_pages", "KV pool pages free"),
+            ("sglang_crosspool:kv_pool_pages_total", "total_pages", "KV pool pages in all"),
+            ("sglang_crosspool:kv_pool_page_bytes", "page_bytes", "Bytes of one KV page"),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["pool"])
+            g.add_metric(["kv"], kv.get(key, 0))
+            yield g
+        total = kv.get("total_pages") or 0
+        usage = GaugeMetricFamily("sglang:token_usage", "Share of the KV pool in use",
+                                  labels=["pool"])
+        usage.add_metric(["kv"], kv.get("used_pages", 0) / total if total else 0.0)
+        yield usage
+        retractions = GaugeMetricFamily("sglang:num_retractions",
+                                        "Requests retracted so far (KV pressure)", labels=[])
+        retractions.add_metric([], self.stats.get("scheduler", {}).get("retractions", 0))
+        yield retractions
+
+
+class ServerMetrics:
+    def __init__(self, models: list[str]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        r = self.registry
+        self.prompt_tokens = Counter("sglang:prompt_tokens", "Prompt tokens processed", labels,
+                                     registry=r)
+        self.generation_tokens = Counter("sglang:generation_tokens", "Tokens generated", labels,
+                                         registry=r)
+        self.num_requests = Counter("sglang:num_requests", "Requests finished (any reason)",
+                                    labels, registry=r)
+        self.num_aborted = Counter("sglang:num_aborted_requests", "Requests aborted", labels,
+                                   registry=r)
+        self.num_rejected = Counter("sglang_crosspool:num_rejected_requests",
+                                    "Requests refused with an error status", labels + ["status"],
+                                    registry=r)
+        self.ttft = Histogram("sglang:time_to_first_token_seconds", "Time to first token",
+                              labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("sglang:inter_token_latency_seconds", "Time between tokens",
+                             labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("sglang:time_per_output_token_seconds",
+                              "Decode time per output token, per request", labels,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("sglang:e2e_request_latency_seconds", "End-to-end request latency",
+                             labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.gauges = _SchedulerGauges(models)
+        r.register(self.gauges)
+        for m in models:  # so that every series exists from the start, at zero
+            for c in (self.prompt_tokens, self.generation_tokens, self.num_requests,
+                      self.num_aborted):
+                c.labels(m)
+
+    def set_stats(self, stats: dict) -> None:
+        self.gauges.stats = stats
+
+    def first_token(self, model: str, ttft: float) -> None:
+        self.ttft.labels(model).observe(ttft)
+
+    def tokens(self, model: str, n: int, gap: float) -> None:
+        """n tokens arrived together, `gap` seconds after the previous ones."""
+        h = self.itl.labels(model)
+        for _ in range(n):
+            h.observe(gap / n)
+
+    def finished(self, model: str, prompt_tokens: int, completion_tokens: int, e2e: float,
+                 decode_time: float | None, aborted: bool) -> None:
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(completion_tokens)
+        self.num_requests.labels(model).inc()
+        if aborted:
+            self.num_aborted.labels(model).inc()
+        self.e2e.labels(model).observe(e2e)
+        if decode_time is not None and completion_tokens > 1:
+            self.tpot.labels(model).observe(decode_time / (completion_tokens - 1))
+
+    def rejected(self, model: str, status: int) -> None:
+        self.num_rejected.labels(model, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,179 @@
+"""The scheduler loop: drives one `EngineCore`, fed by messages, answering with messages.
+
+In: AddRequests, AbortRequest, ControlRequest (from a `Transport`).
+Out: AddResults, BatchOutput (per-request deltas: new token ids, text, logprobs, finish reason,
+plus the core's stats after the step), ControlResult.
+
+    loop: idle -> block on the transport (waking once a second to check on the parent)
+          busy -> take every waiting message without blocking, then core.step()
+
+The loop never touches a socket itself: `Transport` is a ZeroMQ pair in the scheduler process
+(`scheduler_process.py`) and a pair of in-memory queues in the in-process mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sglang_crosspool.engine.core import EngineCore
+from sglang_crosspool.engine.request import EngineRequest, RequestState
+from sglang_crosspool.engine.sampling_params import InvalidRequest, SamplingParams
+from sglang_crosspool.server.messages import (
+    AbortRequest,
+    AddRequests,
+    AddResults,
+    BatchOutput,
+    ControlRequest,
+    ControlResult,
+    RequestUpdate,
+)
+
+logger = logging.getLogger(__name__)
+IDLE_WAKE_MS = 1000
+
+
+class Transport(Protocol):
+    def recv(self, timeout_ms: int | None) -> object | None:
+        """The next message, or None when none came within timeout_ms (0: do not wait)."""
+
+    def send(self, msg) -> None: ...
+
+
+@dataclass
+class _Sent:
+    """How much of a request's output has already gone out."""
+
+    ids: int = 0
+    text: int = 0
+    in_lp: int = 0
+    in_top: int = 0
+    out_lp: int = 0
+    out_top: int = 0
+
+
+class SchedulerLoop:
+    def __init__(self, core: EngineCore, transport: Transport):
+        self.core = core
+        self.transport = transport
+        self.sent: dict[str, _Sent] = {}
+        self.states: dict[str, RequestState] = {}  # requests not yet reported finished
+        self.handlers = {
+            AddRequests: self._add,
+            AbortRequest: self._abort,
+            ControlRequest: self._control,
+        }
+
+    def warmup(self) -> None:
+        """One token per model, so that the first real request does not pay torch's start-up."""
+        for i, model in enumerate(self.core.config.model_names):
+            rid = f"warmup-{i}"
+            params = SamplingParams(max_new_tokens=1, temperature=0.0)
+            self.core.add_request(EngineRequest(rid, model, [0, 1], params))
+            while self.core.has_work():
+                self.core.step()
+
+    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+        while keep_going():
+            self.run_once()
+
+    def run_once(self) -> None:
+        pending: list[BatchOutput] = []
+        if not self.core.has_work():
+            msg = self.transport.recv(IDLE_WAKE_MS)
+            if msg is None:
+                return
+            self._handle(msg, pending)
+        while (msg := self.transport.recv(0)) is not None:
+            self._handle(msg, pending)
+        updates = [u for out in pending for u in out.updates]
+        if self.core.has_work():
+            updates += [self._update(s) for s in self.core.step()]
+        if updates or pending:
+            self.transport.send(BatchOutput(updates, self.core.stats()))
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _handle(self, msg, pending: list[BatchOutput]) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            logger.error("scheduler: ignoring a message of unknown type %s", type(msg).__name__)
+            return
+        out = handler(msg)
+        if out is not None:
+            pending.append(out)
+
+    def _add(self, msg: AddRequests) -> None:
+        rids = [r.rid for r in msg.requests]
+        reqs = [EngineRequest(r.rid, r.model, list(r.input_ids), r.params, r.return_logprob,
+                              r.logprob_start_len, r.top_logprobs_num) for r in msg.requests]
+        try:
+            if len(set(rids)) != len(rids):
+                raise InvalidRequest("rid: the request ids of one batch must differ")
+            for req in reqs:  # all or nothing: no request is queued if one is bad
+                self.core.validate(req)
+            added = []
+            try:
+                for req in reqs:
+                    added.append(self.core.add_request(req))
+            except InvalidRequest:
+                for state in added:
+                    self.core.abort(state.req.rid, "the batch failed")
+                raise
+        except InvalidRequest as e:
+            self.transport.send(AddResults(rids, str(e)))
+            return
+        for state in added:
+            self.states[state.req.rid] = state
+            self.sent[state.req.rid] = _Sent()
+        self.transport.send(AddResults(rids, None))
+
+    def _abort(self, msg: AbortRequest) -> BatchOutput | None:
+        rids = list(self.states) if msg.abort_all else [msg.rid]
+        updates = []
+        for rid in rids:
+            state = self.core.abort(rid, msg.message)
+            if state is not None:
+                updates.append(self._update(state))
+        return BatchOutput(updates)  # also when nothing was aborted: the stats go out
+
+    def _control(self, msg: ControlRequest) -> None:
+        if msg.kind == "stats":
+            result = {**self.core.stats(), "pid": os.getpid(), "in_flight": len(self.states)}
+        elif msg.kind == "flush_cache":
+            # No prefix cache yet, so there is nothing to drop; like SGLang, refuse while busy.
+            idle = not self.core.has_work()
+            result = {"success": idle, "message": "" if idle else
+                      "there are running or waiting requests; the cache was not flushed"}
+        else:
+            result = {"error": f"unknown control request {msg.kind!r}"}
+        self.transport.send(ControlResult(msg.cid, result))
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _update(self, state: RequestState) -> RequestUpdate:
+        rid = state.req.rid
+        sent = self.sent.get(rid) or _Sent()
+        ids = state.output_ids
+        text = state.text
+        # The core only appends to the text, or cuts it at a matched stop string, which never
+        # lies past text already sent plus the new part: resend from the shorter of the two.
+        offset = min(sent.text, len(text))
+        update = RequestUpdate(
+            rid, list(ids[sent.ids:]), offset, text[offset:], len(ids), state.finish_reason,
+            state.sched.retractions,
+            list(state.input_token_logprobs[sent.in_lp:]),
+            list(state.input_top_logprobs[sent.in_top:]),
+            list(state.output_token_logprobs[sent.out_lp:]),
+            list(state.output_top_logprobs[sent.out_top:]))
+        sent.ids, sent.text = len(ids), len(text)
+        sent.in_lp, sent.in_top = len(state.input_token_logprobs), len(state.input_top_logprobs)
+        sent.out_lp = len(state.output_token_logprobs)
+        sent.out_top = len(state.output_top_logprobs)
+        if state.finished:
+            self.sent.pop(rid, None)
+            self.states.pop(rid, None)
+        return update

@@ -1,0 +1,340 @@
+"""Command-line and YAML options of `python -m sglang_crosspool.launch`, with SGLang's flag names.
+
+In: argv (and an optional `--config FILE` YAML whose keys are the flags' names, which the
+command line overrides). Out: one frozen `ServerArgs`, with every derived value (the models to
+serve, the KV page budget, IPC paths unique to this server) computed once in `from_cli`; and
+`engine_config()`, the frozen `EngineConfig` the scheduler process builds its core from.
+
+Models: `--model-path P` (repeatable; served under `--served-model-name`s or the folder names),
+`--model NAME=PATH` (repeatable), a YAML `models:` list of `{name, path}` or paths, or nothing:
+then the built-in demo models (tiny random-weight MoE checkpoints, made once into a cache folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POOL_MODES = ("static", "monolithic", "crosspool")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16")
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16"}
+DEFAULT_PAGE_BYTES = {"cpu": 4096, "cuda": 2 << 20}  # as the page backend picks them
+
+
+class ServerArgsError(ValueError):
+    """Options that cannot work together; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    models: tuple[ModelSource, ...]
+    demo_models: bool = False  # the models are the built-in demo models
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    log_level: str = "info"
+    device: str = "cpu"
+    dtype: str = "auto"
+    context_length: int | None = None
+    max_running_requests: int = 64
+    max_queued_requests: int | None = None
+    max_total_tokens: int | None = None
+    chunked_prefill_size: int = 512
+    mem_fraction_static: float | None = None
+    random_seed: int = 0
+    attention_backend: str = "torch"
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs_decode: int | None = None
+    pool_mode: str = "crosspool"
+    kv_pages: int | None = None
+    kv_page_bytes: int | None = None
+    kv_budget_bytes: int = 256 << 20
+    skip_server_warmup: bool = False
+    default_model: str | None = None
+    ipc_dir: str = ""  # a fresh folder per server: the ZeroMQ socket files live here
+    launch_argv: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def ipc_path(self, role: str) -> str:
+        return f"ipc://{os.path.join(self.ipc_dir, role)}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["models"] = [{"name": m.name, "path": m.path} for m in self.models]
+        if d["api_key"]:
+            d["api_key"] = "***"
+        return d
+
+    # -- the engine's config -------------------------------------------------------------
+
+    def engine_config(self):
+        """The frozen engine config (reads each checkpoint's config.json, not its weights)."""
+        from sglang_crosspool.config import EngineConfig
+
+        config = EngineConfig.build(
+            [m.path for m in self.models],
+            served_model_name=[m.name for m in self.models],
+            device=self.device, dtype=self.dtype, context_length=self.context_length,
+            max_running_requests=self.max_running_requests,
+            chunked_prefill_size=self.chunked_prefill_size,
+            kv_page_bytes=self.kv_page_bytes, kv_pages=self.kv_pages,
+            kv_budget_bytes=self.kv_budget_bytes, attention_backend=self.attention_backend,
+            random_seed=self.random_seed)
+        if self.max_total_tokens is not None and self.kv_pages is None:
+            pages = kv_pages_for_tokens(config, self.max_total_tokens)
+            config = dataclasses.replace(config, kv_pages=pages)
+        return config
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None, *, make_demo: bool = True) -> ServerArgs:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.config:
+            defaults = _read_yaml(args.config, parser)
+            parser.set_defaults(**defaults)
+            args = parser.parse_args(argv)
+        try:
+            return cls.from_namespace(args, make_demo=make_demo, argv=argv)
+        except ServerArgsError as e:
+            parser.error(str(e))
+
+    @classmethod
+    def from_namespace(cls, a: argparse.Namespace, *, make_demo: bool = True,
+                       argv: list[str] | None = None) -> ServerArgs:
+        models, demo = _resolve_models(a, make_demo)
+        dtype = _DTYPE_ALIASES.get(a.dtype, a.dtype)
+        for flag, value, low in (("--port", a.port, 0), ("--max-running-requests",
+                                 a.max_running_requests, 1), ("--chunked-prefill-size",
+                                 a.chunked_prefill_size, 1)):
+            if value < low:
+                raise ServerArgsError(f"{flag}: must be >= {low}, got {value}")
+        for flag, value in (("--max-total-tokens", a.max_total_tokens), ("--kv-pages", a.kv_pages),
+                            ("--kv-page-bytes", a.kv_page_bytes),
+                            ("--context-length", a.context_length),
+                            ("--max-queued-requests", a.max_queued_requests)):
+            if value is not None and value < 1:
+                raise ServerArgsError(f"{flag}: must be >= 1, got {value}")
+        if a.kv_pages is not None and a.max_total_tokens is not None:
+            raise ServerArgsError("--kv-pages and --max-total-tokens both set the KV budget; "
+                                  "give one")
+        if a.mem_fraction_static is not None and not 0 < a.mem_fraction_static < 1:
+            raise ServerArgsError(f"--mem-fraction-static: must be in (0, 1), got "
+                                  f"{a.mem_fraction_static}")
+        default = a.default_model
+        if default is not None and default not in [m.name for m in models]:
+            raise ServerArgsError(f"--default-model: {default!r} is not one of the served "
+                                  f"models ({', '.join(m.name for m in models)})")
+        cuda_graph_bs = a.cuda_graph_max_bs_decode or a.cuda_graph_max_bs
+        budget = _kv_budget_bytes(a.device, a.mem_fraction_static, models)
+        # Created by the launcher; the port, pid and a random tag keep two servers apart.
+        ipc_dir = os.path.join(tempfile.gettempdir(), f"sglang_crosspool-{a.port}-{os.getpid()}-"
+                               f"{uuid.uuid4().hex[:8]}")
+        return cls(
+            models=tuple(models), demo_models=demo, host=a.host, port=a.port, api_key=a.api_key,
+            log_level=a.log_level, device=a.device, dtype=dtype,
+            context_length=a.context_length, max_running_requests=a.max_running_requests,
+            max_queued_requests=a.max_queued_requests, max_total_tokens=a.max_total_tokens,
+            chunked_prefill_size=a.chunked_prefill_size,
+            mem_fraction_static=a.mem_fraction_static, random_seed=a.random_seed,
+            attention_backend=a.attention_backend, disable_cuda_graph=a.disable_cuda_graph,
+            cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
+            kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
+            skip_server_warmup=a.skip_server_warmup, default_model=default, ipc_dir=ipc_dir,
+            launch_argv=tuple(argv) if argv is not None else ())
+
+
+def kv_pages_for_tokens(config, tokens: int) -> int:
+    """Pages that let any one served model hold `tokens` tokens of KV (--max-total-tokens)."""
+    import torch
+
+    page_bytes = config.kv_page_bytes or DEFAULT_PAGE_BYTES.get(torch.device(config.device).type,
+                                                                4096)
+    elem = torch.empty((), dtype=config.torch_dtype).element_size()
+    pages = 1
+    for entry in config.models:
+        s = entry.spec
+        block_tokens = max(1, page_bytes // (s.num_kv_heads * s.head_dim * elem))
+        pages = max(pages, math.ceil(tokens / block_tokens) * 2 * s.num_layers)
+    return pages
+
+
+def _kv_budget_bytes(device: str, fraction: float | None, models: list[ModelSource]) -> int:
+    """--mem-fraction-static on CUDA: that share of the device, less the checkpoints' weights."""
+    default = ServerArgs.__dataclass_fields__["kv_budget_bytes"].default
+    if fraction is None or not device.startswith("cuda"):
+        return default
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    weights = sum(f.stat().st_size for m in models for f in Path(m.path).glob("*.safetensors"))
+    budget = int(total * fraction) - weights
+    if budget <= 0:
+        raise ServerArgsError(f"--mem-fraction-static {fraction}: the weights ({weights} bytes) "
+                              f"leave no KV budget on {device}")
+    return budget
+
+
+def _resolve_models(a: argparse.Namespace, make_demo: bool) -> tuple[list[ModelSource], bool]:
+    models: list[ModelSource] = []
+    paths = list(a.model_path or [])
+    names = list(a.served_model_name or [])
+    if names and len(names) != len(paths):
+        raise ServerArgsError(f"--served-model-name: {len(names)} names for {len(paths)} "
+                              "--model-path values")
+    for i, path in enumerate(paths):
+        models.append(ModelSource(names[i] if names else Path(path).name or path, str(path)))
+    for spec in a.model or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ServerArgsError(f"--model: expected NAME=PATH, got {spec!r}")
+        models.append(ModelSource(name, path))
+    models.extend(a.models_from_config or [])
+    demo = not models
+    if demo:
+        from sglang_crosspool.server.demo_models import DEMO_MODELS, ensure_demo_models
+
+        if make_demo:
+            paths_by_name = ensure_demo_models()
+            models = [ModelSource(n, str(p)) for n, p in paths_by_name.items()]
+        else:
+            models = [ModelSource(n, "") for n in DEMO_MODELS]
+    seen = set()
+    for m in models:
+        if m.name in seen:
+            raise ServerArgsError(f"--model/--served-model-name: the name {m.name!r} is used twice")
+        seen.add(m.name)
+        if not demo and not Path(m.path).is_dir():
+            raise ServerArgsError(f"model {m.name!r}: {m.path} is not a checkpoint folder")
+    return models, demo
+
+
+def _read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        parser.error(f"--config {path}: {e}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of option names to values")
+    dests = {a.dest: a for a in parser._actions}
+    out: dict = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest == "models":
+            out["models_from_config"] = _yaml_models(path, value, parser)
+            continue
+        if dest not in dests or dest in ("help", "config"):
+            parser.error(f"--config {path}: unknown option {key!r}")
+        action = dests[dest]
+        if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
+            value = [value]
+        out[dest] = value
+    return out
+
+
+def _yaml_models(path: str, value, parser) -> list[ModelSource]:
+    if not isinstance(value, list):
+        parser.error(f"--config {path}: models: expected a list")
+    base = Path(path).resolve().parent
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or "path" not in item:
+            parser.error(f"--config {path}: models: each entry needs a path, got {item!r}")
+        p = Path(os.path.expanduser(str(item["path"])))
+        p = p if p.is_absolute() else base / p
+        out.append(ModelSource(str(item.get("name") or p.name), str(p)))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sglang_crosspool.launch",
+        description="Serve many MoE models behind SGLang's native and OpenAI HTTP APIs. "
+                    "With no model given, serves the built-in demo models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(models_from_config=None)
+
+    g = p.add_argument_group("models")
+    g.add_argument("--model-path", "--model_path", action="append", metavar="PATH",
+                   help="a Hugging Face checkpoint folder; repeat for more models")
+    g.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="the name of each --model-path, in order (default: the folder name)")
+    g.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="a model served as NAME; repeatable")
+    g.add_argument("--default-model", metavar="NAME",
+                   help="the model that requests without a model field go to when several are "
+                        "served")
+    g.add_argument("--context-length", type=int, help="cap on each model's context length")
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML file of options (flag names as keys; `models:` a list of "
+                        "{name, path}); the command line overrides it")
+
+    g = p.add_argument_group("HTTP server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=30000)
+    g.add_argument("--api-key", help="require `Authorization: Bearer <key>` on every endpoint "
+                                     "but /health and /metrics")
+    g.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    g.add_argument("--skip-server-warmup", action="store_true",
+                   help="do not run one token per model before reporting ready")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    g.add_argument("--random-seed", type=int, default=0)
+    g.add_argument("--attention-backend", default="torch", help="attention kernels")
+
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--max-running-requests", type=int, default=64,
+                   help="running requests over all models")
+    g.add_argument("--max-queued-requests", type=int,
+                   help="queued requests past which new ones get 503 + Retry-After "
+                        "(default: no limit)")
+    g.add_argument("--chunked-prefill-size", type=int, default=512,
+                   help="tokens per step (prefill chunks + decodes)")
+
+    g = p.add_argument_group("memory")
+    g.add_argument("--max-total-tokens", type=int,
+                   help="KV budget in tokens: enough pages for any one model to hold this many")
+    g.add_argument("--mem-fraction-static", type=float,
+                   help="CUDA: the share of device memory for weights + KV (KV gets what the "
+                        "weights leave); ignored on CPU")
+    g.add_argument("--kv-pages", type=int, help="KV budget in physical pages (CrossPool)")
+    g.add_argument("--kv-page-bytes", type=int,
+                   help="page size (default: 4 KiB on CPU, 2 MiB on CUDA)")
+    g.add_argument("--pool-mode", default="crosspool", choices=POOL_MODES,
+                   help="memory layout (CrossPool). Accepted for all three; this build runs "
+                        "the in-process path only (one KV pool, FFNs local), whatever the mode")
+
+    g = p.add_argument_group("CUDA graphs (accepted now, honoured when graphs land)")
+    g.add_argument("--disable-cuda-graph", action="store_true")
+    g.add_argument("--cuda-graph-max-bs-decode", type=int, metavar="N")
+    g.add_argument("--cuda-graph-max-bs", type=int, metavar="N",
+                   help="older spelling of --cuda-graph-max-bs-decode")
+    return p
