@@ -20,9 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo_models:
         logger.info("no model given: serving the built-in demo models (%s)",
                     ", ".join(args.model_names))
-    if args.pool_mode != "crosspool":
-        logger.warning("--pool-mode %s: accepted, but this build runs the in-process path "
-                       "only (one KV pool, FFNs local)", args.pool_mode)
     from sglang_crosspool.server.engine_client import SchedulerStartError
     from sglang_crosspool.server.http_server import run_server
 

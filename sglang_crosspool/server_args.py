@@ -21,7 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-POOL_MODES = ("static", "monolithic", "crosspool")
+POOL_MODES = ("static", "monolithic", "crosspool")  # as EngineConfig takes them
+FFN_TRANSPORTS = ("local", "shm", "dist")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16"}
@@ -58,7 +59,9 @@ class ServerArgs:
     attention_backend: str = "torch"
     disable_cuda_graph: bool = False
     cuda_graph_max_bs_decode: int | None = None
-    pool_mode: str = "crosspool"
+    pool_mode: str = "monolithic"
+    ffn_servers: int = 1
+    ffn_transport: str = "local"
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
     kv_budget_bytes: int = 256 << 20
@@ -99,7 +102,8 @@ class ServerArgs:
             chunked_prefill_size=self.chunked_prefill_size,
             kv_page_bytes=self.kv_page_bytes, kv_pages=self.kv_pages,
             kv_budget_bytes=self.kv_budget_bytes, attention_backend=self.attention_backend,
-            random_seed=self.random_seed)
+            random_seed=self.random_seed, pool_mode=self.pool_mode,
+            ffn_servers=self.ffn_servers, ffn_transport=self.ffn_transport)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -133,7 +137,8 @@ class ServerArgs:
         for flag, value in (("--max-total-tokens", a.max_total_tokens), ("--kv-pages", a.kv_pages),
                             ("--kv-page-bytes", a.kv_page_bytes),
                             ("--context-length", a.context_length),
-                            ("--max-queued-requests", a.max_queued_requests)):
+                            ("--max-queued-requests", a.max_queued_requests),
+                            ("--ffn-servers", a.ffn_servers)):
             if value is not None and value < 1:
                 raise ServerArgsError(f"{flag}: must be >= 1, got {value}")
         if a.kv_pages is not None and a.max_total_tokens is not None:
@@ -160,6 +165,7 @@ class ServerArgs:
             mem_fraction_static=a.mem_fraction_static, random_seed=a.random_seed,
             attention_backend=a.attention_backend, disable_cuda_graph=a.disable_cuda_graph,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
+            ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
             kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             skip_server_warmup=a.skip_server_warmup, default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
@@ -271,12 +277,21 @@ def _yaml_models(path: str, value, parser) -> list[ModelSource]:
     return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sglang_crosspool.launch",
         description="Serve many MoE models behind SGLang's native and OpenAI HTTP APIs. "
                     "With no model given, serves the built-in demo models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.set_defaults(models_from_config=None)
 
     g = p.add_argument_group("models")
@@ -295,11 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "{name, path}); the command line overrides it")
 
     g = p.add_argument_group("HTTP server")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=30000)
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    g.add_argument("--port", type=int, default=30000, help="port to listen on")
     g.add_argument("--api-key", help="require `Authorization: Bearer <key>` on every endpoint "
                                      "but /health and /metrics")
-    g.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging level")
     g.add_argument("--skip-server-warmup", action="store_true",
                    help="do not run one token per model before reporting ready")
 
@@ -307,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto: float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--random-seed", type=int, default=0)
+    g.add_argument("--random-seed", type=int, default=0,
+                   help="seed of the sampler for requests without their own seed")
     g.add_argument("--attention-backend", default="torch", help="attention kernels")
 
     g = p.add_argument_group("scheduling")
@@ -328,13 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-pages", type=int, help="KV budget in physical pages (CrossPool)")
     g.add_argument("--kv-page-bytes", type=int,
                    help="page size (default: 4 KiB on CPU, 2 MiB on CUDA)")
-    g.add_argument("--pool-mode", default="crosspool", choices=POOL_MODES,
-                   help="memory layout (CrossPool). Accepted for all three; this build runs "
-                        "the in-process path only (one KV pool, FFNs local), whatever the mode")
+
+    g = p.add_argument_group("CrossPool")
+    g.add_argument("--pool-mode", default="monolithic", choices=POOL_MODES,
+                   help="static: a fixed KV slice per model; monolithic: one elastic KV pool "
+                        "shared by the models, FFNs next to attention; crosspool: FFN/expert "
+                        "weights in a separate weights pool (see --ffn-servers)")
+    g.add_argument("--ffn-servers", type=int, default=1,
+                   help="crosspool: FFN servers in the weights pool, experts sharded over them")
+    g.add_argument("--ffn-transport", default="local", choices=FFN_TRANSPORTS,
+                   help="crosspool: how hidden states reach the FFN servers (local: in this "
+                        "process; shm / dist: separate FFN server processes)")
 
     g = p.add_argument_group("CUDA graphs (accepted now, honoured when graphs land)")
-    g.add_argument("--disable-cuda-graph", action="store_true")
-    g.add_argument("--cuda-graph-max-bs-decode", type=int, metavar="N")
+    g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
+    g.add_argument("--cuda-graph-max-bs-decode", type=int, metavar="N",
+                   help="largest decode batch captured in a graph")
     g.add_argument("--cuda-graph-max-bs", type=int, metavar="N",
                    help="older spelling of --cuda-graph-max-bs-decode")
     return p

@@ -68,6 +68,7 @@ class AddResults:
 
     rids: list[str]
     error: str | None = None
+    status: int = 400  # of the error: 400 a bad request, 503 the engine cannot take requests
 
 
 @dataclass

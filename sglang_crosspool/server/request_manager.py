@@ -169,8 +169,10 @@ class RequestManager:
                 self.abort(h.rid, "the client disconnected")
             raise
         if error is not None:  # on_message has dropped the handles
-            self.metrics.rejected(model, 400)
-            raise ApiError(400, error)
+            status, message = error
+            self.metrics.rejected(model, status)
+            raise ApiError(status, message,
+                           headers={"Retry-After": "5"} if status == 503 else None)
         return handles
 
     def abort(self, rid: str, message: str = "aborted") -> None:
@@ -209,7 +211,7 @@ class RequestManager:
                 for rid in msg.rids:
                     self.handles.pop(rid, None)
             if fut is not None and not fut.done():
-                fut.set_result(msg.error)
+                fut.set_result(None if msg.error is None else (msg.status, msg.error))
         elif isinstance(msg, ControlResult):
             fut = self._controls.get(msg.cid)
             if fut is not None and not fut.done():

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sglang_crosspool.engine.core import EngineCore
+from sglang_crosspool.engine.core import EngineCore, EngineUnavailable
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampling_params import InvalidRequest, SamplingParams
 from sglang_crosspool.server.messages import (
@@ -119,12 +119,15 @@ class SchedulerLoop:
             try:
                 for req in reqs:
                     added.append(self.core.add_request(req))
-            except InvalidRequest:
+            except (InvalidRequest, EngineUnavailable):
                 for state in added:
                     self.core.abort(state.req.rid, "the batch failed")
                 raise
         except InvalidRequest as e:
             self.transport.send(AddResults(rids, str(e)))
+            return
+        except EngineUnavailable as e:
+            self.transport.send(AddResults(rids, f"the engine cannot take requests: {e}", 503))
             return
         for state in added:
             self.states[state.req.rid] = state
