@@ -34,49 +34,57 @@ U141 = 141 * 10**9 * 9 // 10  # 126,900,000,000 B usable of a 141 GB GPU
 # Qwen3-30B-A3B: hidden 2048, 48 layers, 32 heads / 4 kv_heads x head_dim 128, vocab 151936
 # (untied), 128 experts top-8 of width 768, q_norm/k_norm of head_dim per layer, no bias.
 Q3_ATTN_LAYER = 2048 * 32 * 128 + 2 * 2048 * 4 * 128 + 32 * 128 * 2048 + 2 * 128  # 18,874,624
-Q3 = dict(
-    expert=48 * 3 * 2048 * 768 * B,  # 452,984,832: one expert over all 48 layers
-    ffn=48 * 128 * 3 * 2048 * 768 * B,  # 57,982,058,496
-    embed=151936 * 2048 * B,  # 622,329,856, and as much again for the untied lm_head
-    attention=48 * Q3_ATTN_LAYER * B,  # 1,811,963,904
-    replicated=((2 * 48 + 1) * 2048 + 48 * 128 * 2048) * B,  # norms + router = 25,563,136
-    kv=2 * 48 * 4 * 128 * B,  # 98,304 B per token
-    layers=48, kv_heads=4, experts=128, top_k=8, max_pos=40960, public_b=30.5, active_b=3.3)
+Q3 = {
+    "expert": 48 * 3 * 2048 * 768 * B,  # 452,984,832: one expert over all 48 layers
+    "ffn": 48 * 128 * 3 * 2048 * 768 * B,  # 57,982,058,496
+    "embed": 151936 * 2048 * B,  # 622,329,856, and as much again for the untied lm_head
+    "attention": 48 * Q3_ATTN_LAYER * B,  # 1,811,963,904
+    "replicated": ((2 * 48 + 1) * 2048 + 48 * 128 * 2048) * B,  # norms + router = 25,563,136
+    "kv": 2 * 48 * 4 * 128 * B,  # 98,304 B per token
+    "layers": 48, "kv_heads": 4, "experts": 128, "top_k": 8,
+    "max_pos": 40960, "public_b": 30.5, "active_b": 3.3,
+}
 # Qwen1.5-MoE-A2.7B: hidden 2048, 24 layers, 16 heads / 16 kv_heads x 128, vocab 151936,
 # 60 experts top-4 of width 1408, a shared expert of width 5632 behind a (2048 -> 1) gate,
 # q/k/v biases.
 Q15_ATTN_LAYER = 4 * 2048 * 2048 + 3 * 2048  # 16,783,360
-Q15 = dict(
-    expert=24 * 3 * 2048 * 1408 * B,  # 415,236,096
-    ffn=(24 * 60 * 3 * 2048 * 1408 + 24 * (3 * 2048 * 5632 + 2048)) * B,  # 26,575,208,448
-    shared=24 * (3 * 2048 * 5632 + 2048) * B,  # 1,661,042,688
-    embed=151936 * 2048 * B,
-    attention=24 * Q15_ATTN_LAYER * B,  # 805,601,280
-    replicated=((2 * 24 + 1) * 2048 + 24 * 60 * 2048) * B,  # 6,098,944
-    kv=2 * 24 * 16 * 128 * B,  # 196,608
-    layers=24, kv_heads=16, experts=60, top_k=4, max_pos=8192, public_b=14.3, active_b=2.7)
+Q15 = {
+    "expert": 24 * 3 * 2048 * 1408 * B,  # 415,236,096
+    "ffn": (24 * 60 * 3 * 2048 * 1408 + 24 * (3 * 2048 * 5632 + 2048)) * B,  # 26,575,208,448
+    "shared": 24 * (3 * 2048 * 5632 + 2048) * B,  # 1,661,042,688
+    "embed": 151936 * 2048 * B,
+    "attention": 24 * Q15_ATTN_LAYER * B,  # 805,601,280
+    "replicated": ((2 * 24 + 1) * 2048 + 24 * 60 * 2048) * B,  # 6,098,944
+    "kv": 2 * 24 * 16 * 128 * B,  # 196,608
+    "layers": 24, "kv_heads": 16, "experts": 60, "top_k": 4,
+    "max_pos": 8192, "public_b": 14.3, "active_b": 2.7,
+}
 # OLMoE-1B-7B-0924: hidden 2048, 16 layers, 16 heads / 16 kv_heads x 128, vocab 50304,
 # 64 experts top-8 of width 1024, q_norm (2048) and k_norm (2048) per layer.
 OL_ATTN_LAYER = 4 * 2048 * 2048 + 2048 + 2048  # 16,781,312
-OL = dict(
-    expert=16 * 3 * 2048 * 1024 * B,  # 201,326,592
-    ffn=16 * 64 * 3 * 2048 * 1024 * B,  # 12,884,901,888
-    embed=50304 * 2048 * B,  # 206,045,184
-    attention=16 * OL_ATTN_LAYER * B,  # 537,001,984
-    replicated=((2 * 16 + 1) * 2048 + 16 * 64 * 2048) * B,  # 4,329,472
-    kv=2 * 16 * 16 * 128 * B,  # 131,072
-    layers=16, kv_heads=16, experts=64, top_k=8, max_pos=4096, public_b=6.9, active_b=1.3)
+OL = {
+    "expert": 16 * 3 * 2048 * 1024 * B,  # 201,326,592
+    "ffn": 16 * 64 * 3 * 2048 * 1024 * B,  # 12,884,901,888
+    "embed": 50304 * 2048 * B,  # 206,045,184
+    "attention": 16 * OL_ATTN_LAYER * B,  # 537,001,984
+    "replicated": ((2 * 16 + 1) * 2048 + 16 * 64 * 2048) * B,  # 4,329,472
+    "kv": 2 * 16 * 16 * 128 * B,  # 131,072
+    "layers": 16, "kv_heads": 16, "experts": 64, "top_k": 8,
+    "max_pos": 4096, "public_b": 6.9, "active_b": 1.3,
+}
 # Mixtral-8x7B-v0.1: hidden 4096, 32 layers, 32 heads / 8 kv_heads x 128, vocab 32000,
 # 8 experts top-2 of width 14336.
 MX_ATTN_LAYER = 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 4096  # 41,943,040
-MX = dict(
-    expert=32 * 3 * 4096 * 14336 * B,  # 11,274,289,152
-    ffn=32 * 8 * 3 * 4096 * 14336 * B,  # 90,194,313,216
-    embed=32000 * 4096 * B,  # 262,144,000
-    attention=32 * MX_ATTN_LAYER * B,  # 2,684,354,560
-    replicated=((2 * 32 + 1) * 4096 + 32 * 8 * 4096) * B,  # 2,629,632
-    kv=2 * 32 * 8 * 128 * B,  # 131,072
-    layers=32, kv_heads=8, experts=8, top_k=2, max_pos=32768, public_b=46.7, active_b=12.9)
+MX = {
+    "expert": 32 * 3 * 4096 * 14336 * B,  # 11,274,289,152
+    "ffn": 32 * 8 * 3 * 4096 * 14336 * B,  # 90,194,313,216
+    "embed": 32000 * 4096 * B,  # 262,144,000
+    "attention": 32 * MX_ATTN_LAYER * B,  # 2,684,354,560
+    "replicated": ((2 * 32 + 1) * 4096 + 32 * 8 * 4096) * B,  # 2,629,632
+    "kv": 2 * 32 * 8 * 128 * B,  # 131,072
+    "layers": 32, "kv_heads": 8, "experts": 8, "top_k": 2,
+    "max_pos": 32768, "public_b": 46.7, "active_b": 12.9,
+}
 HAND = {QWEN3: Q3, QWEN15: Q15, OLMOE: OL, MIXTRAL: MX}
 for _h in HAND.values():
     # attention side = embedding + lm_head (untied in all four) + attention + norms + router
@@ -513,7 +521,7 @@ def test_plan_json_round_trips(plans, tmp_path):
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "sglang_crosspool.plan", *args],
-                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=60)
+                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=60, check=False)
 
 
 def test_cli_prints_the_plan_and_writes_json(tmp_path):
@@ -548,5 +556,6 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
 def test_planner_imports_no_torch():
     code = ("import sys, sglang_crosspool.plan, sglang_crosspool.planner; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       check=False)
     assert r.returncode == 0, r.stderr
