@@ -125,9 +125,9 @@ def decode_config(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, 
     shape = {"G": num_heads // num_kv_heads, "D": head_dim}
     cfg = get_config("decode_attention", shape, device, dtype, DEFAULT_CONFIG, batch=batch)
     if not cfg["num_splits"]:
-        # Enough programs to fill the machine about twice over.
+        # Enough programs to fill the machine about four times over.
         programs = batch * num_kv_heads
-        cfg["num_splits"] = max(1, min(32, cdiv(2 * _sm_count(torch.device(device)), programs)))
+        cfg["num_splits"] = max(1, min(64, cdiv(4 * _sm_count(torch.device(device)), programs)))
     return cfg
 
 

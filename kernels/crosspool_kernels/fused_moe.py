@@ -16,7 +16,7 @@ token's k pairs in float32, skipping pairs that no local expert served.
 import torch
 import torch.nn.functional as F
 
-from crosspool_kernels._common import cdiv, dot_precision, next_pow2, tl, triton
+from crosspool_kernels._common import cdiv, dot_precision, next_pow2, tl, triton, triton_usable
 from crosspool_kernels.tuned import get_config
 
 
@@ -28,15 +28,95 @@ def local_expert_ids(topk_ids: torch.Tensor, local_index: torch.Tensor | None) -
     return torch.where(flat >= 0, local_index[flat.clamp(min=0)], -1)
 
 
+def align_size(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static upper bound of the aligned length: each expert that gets pairs pads < block_m."""
+    return cdiv(num_pairs + min(num_pairs, num_experts) * (block_m - 1), block_m) * block_m
+
+
+# One program aligns up to this many pairs faster than the ~12 launches of the torch path.
+ALIGN_KERNEL_MAX_PAIRS = 4096
+
+
+@triton.jit
+def _moe_align_kernel(
+    local_ptr, pairs_ptr, experts_ptr, npad_ptr, num_pairs, num_experts, size,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: per-expert counts, padded offsets, then a stable scatter of pair ids;
+    every slot of the output is written exactly once, so no barrier is needed."""
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], tl.int32)
+    for n0 in range(0, num_pairs, BLOCK_N):
+        i = n0 + tl.arange(0, BLOCK_N)
+        e = tl.load(local_ptr + i, mask=i < num_pairs, other=-1).to(tl.int32)
+        e = tl.where(e >= 0, e, num_experts)  # bin num_experts: not served here
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), 0)
+    real = experts < num_experts
+    padded = tl.where(real, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    tl.store(npad_ptr, tl.sum(padded, 0))
+
+    seen = tl.zeros([BLOCK_E], tl.int32)
+    for n0 in range(0, num_pairs, BLOCK_N):
+        i = n0 + tl.arange(0, BLOCK_N)
+        e = tl.load(local_ptr + i, mask=i < num_pairs, other=-1).to(tl.int32)
+        e = tl.where(e >= 0, e, num_experts)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, 0) - onehot  # earlier pairs of the same expert in the chunk
+        dest = tl.sum(onehot * (before + (starts + seen)[None, :]), 1)
+        tl.store(pairs_ptr + dest, i, mask=(i < num_pairs) & (e < num_experts))
+        seen += tl.sum(onehot, 0)
+
+    for p0 in range(0, size, BLOCK_N):
+        p = p0 + tl.arange(0, BLOCK_N)
+        # The expert whose padded run holds slot p (num_experts or more: past the end).
+        owner = tl.sum(((ends[None, :] <= p[:, None]) & real[None, :]).to(tl.int32), 1)
+        pick = (owner[:, None] == experts[None, :]).to(tl.int32)
+        offset = p - tl.sum(pick * starts[None, :], 1)
+        pad = (owner >= num_experts) | (offset >= tl.sum(pick * counts[None, :], 1))
+        tl.store(pairs_ptr + p, tl.full([BLOCK_N], 0, tl.int32) + num_pairs,
+                 mask=(p < size) & pad)
+        # The blocks starting in this chunk (BLOCK_N is a multiple of BLOCK_M).
+        b = p0 // BLOCK_M + tl.arange(0, BLOCK_N // BLOCK_M)
+        first = b * BLOCK_M
+        owner_b = tl.sum(((ends[None, :] <= first[:, None]) & real[None, :]).to(tl.int32), 1)
+        tl.store(experts_ptr + b, tl.where(owner_b < num_experts, owner_b, -1),
+                 mask=first < size)
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
               local_index: torch.Tensor | None = None, local: torch.Tensor | None = None):
     """Sorts the T*k (token, slot) pairs by local expert, each expert's run padded to block_m.
 
     Returns (sorted_pairs [P], block_experts [P // block_m], num_padded [1]): pair ids
-    (token * k + slot) with padding entries equal to T*k; the local expert of each block, -1
-    for blocks past the end; and the used length. P is a static upper bound, so nothing here
-    waits on the device.
+    (token * k + slot), in their original order within an expert, with padding entries equal
+    to T*k; the local expert of each block, -1 for blocks past the end; and the used length.
+    P = align_size(...) is a static bound, so nothing here waits on the device. Small batches
+    take one Triton program, larger ones the torch path (`moe_align_torch`); both give the
+    same result.
     """
+    if local is None:
+        local = local_expert_ids(topk_ids, local_index)
+    n = local.numel()
+    if n > ALIGN_KERNEL_MAX_PAIRS or not triton_usable(local.device):
+        return moe_align_torch(topk_ids, num_experts, block_m, local=local)
+    size = align_size(n, num_experts, block_m)
+    dev = local.device
+    sorted_pairs = torch.empty(size, device=dev, dtype=torch.int32)
+    block_experts = torch.empty(size // block_m, device=dev, dtype=torch.int32)
+    num_padded = torch.empty(1, device=dev, dtype=torch.int32)
+    block_n = max(block_m, 64 if num_experts < 256 else 32)
+    _moe_align_kernel[(1,)](
+        local, sorted_pairs, block_experts, num_padded, n, num_experts, size,
+        BLOCK_M=block_m, BLOCK_E=next_pow2(num_experts + 1), BLOCK_N=block_n, num_warps=4,
+    )
+    return sorted_pairs, block_experts, num_padded
+
+
+def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                    local_index: torch.Tensor | None = None, local: torch.Tensor | None = None):
+    """`moe_align` in torch ops (stable argsort); the path for large batches."""
     n = topk_ids.numel()
     dev = topk_ids.device
     if local is None:
@@ -51,7 +131,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     sorted_key = key[order]
     first = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n, device=dev) - first[sorted_key]
-    size = cdiv(n + min(n, num_experts) * (block_m - 1), block_m) * block_m
+    size = align_size(n, num_experts, block_m)
     # Pairs of non-local experts land in slot `size`, cut off below.
     dest = torch.where(sorted_key < num_experts, starts[sorted_key] + rank, size)
     sorted_pairs = torch.full((size + 1,), n, device=dev, dtype=torch.int32)

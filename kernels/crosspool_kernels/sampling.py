@@ -13,127 +13,259 @@ Semantics (threshold form; the reference implements exactly this):
 then token i is drawn with probability proportional to its kept p: the first index whose
 running kept mass (in vocabulary order) exceeds uniform * total kept mass.
 
-The kernel finds both thresholds without sorting: probabilities are non-negative floats, so
-their bit patterns order like their values, and a search over the 32 bits, NUM_PIVOTS
-candidates per pass over the row, lands exactly on the k-th largest value (and on the top-p
-cut). One program per row; a pass is skipped when its filter is off.
+The kernels find both thresholds without sorting: probabilities are non-negative floats, so
+their bit patterns order like their values, and a search over the 32 bits with NUM_PIVOTS
+candidates per round lands exactly on the k-th largest value (and on the top-p cut). Each row
+is split into chunks of about CHUNK tokens, one program each, so that one row fills many SMs;
+a round is one launch whose programs first fold the previous round's per-chunk partials (every
+program of a row computes the same fold) and then count their chunk against the new pivots.
+Launches: 32 / LOG_PIVOTS rounds per search, two searches, then the kept mass per chunk and
+the draw: a fixed sequence, so the whole thing can be captured in a CUDA graph. A round of a
+filter that is off does no loads.
 """
 
 import torch
 
-from crosspool_kernels._common import next_pow2, tl, triton
+from crosspool_kernels._common import cdiv, next_pow2, tl, triton
 from crosspool_kernels.tuned import get_config
 
-DEFAULT_CONFIG = {"BLOCK_V": 256, "LOG_PIVOTS": 4, "num_warps": 4}
-_INF_BITS = 0x7F800000  # +inf as float32 bits: pivots above it would be NaNs or negatives
+DEFAULT_CONFIG = {"BLOCK_V": 512, "CHUNK": 4096, "LOG_PIVOTS": 4, "num_warps": 4}
 
 
 @triton.jit
-def _bit_search(row_ptr, vocab, goal, floor,
-                COUNT: tl.constexpr, BLOCK_V: tl.constexpr, LOG_PIVOTS: tl.constexpr):
-    """Largest float bit pattern b with pred(b): COUNT: #{p >= b} >= goal; else (mass):
-    sum{p > b, p >= floor} > goal. Both predicates are monotone in b and hold at b = 0."""
+def _fold(part_ptr, lo_ptr, rnd, goal, num_chunks,
+          COUNT: tl.constexpr, BLOCK_P: tl.constexpr, LOG_PIVOTS: tl.constexpr):
+    """The bit pattern after round `rnd`: from its per-chunk partials [P, NUM_PIVOTS] and the
+    round's base `lo`, the largest pivot whose predicate holds (count >= goal, mass > goal)."""
+    NUM_PIVOTS: tl.constexpr = 1 << LOG_PIVOTS
+    c = tl.arange(0, BLOCK_P)
+    j = tl.arange(0, NUM_PIVOTS)
+    part = tl.load(part_ptr + c[:, None] * NUM_PIVOTS + j[None, :],
+                   mask=(c < num_chunks)[:, None], other=0.0)
+    total = tl.sum(part, 0)
+    if COUNT:
+        pred = total >= goal
+    else:
+        pred = total > goal
+    best = tl.max(tl.where(pred, j, 0), 0)
+    step = tl.full([], 1, tl.int64) << (32 - (rnd + 1) * LOG_PIVOTS)
+    return tl.load(lo_ptr) + best.to(tl.int64) * step
+
+
+@triton.jit
+def _as_float(bits):
+    return tl.minimum(bits, 0x7F800000).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_kernel(
+    probs_ptr, topk_ptr, topp_ptr, part_k_ptr, part_p_ptr, lo_k_ptr, lo_p_ptr,
+    max_ptr, mass_ptr, thr_k_ptr,
+    stride_b, vocab, chunk, num_chunks, rnd, num_rows,
+    TOP_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOG_PIVOTS: tl.constexpr,
+):
+    """One round of the top-k search (TOP_P False) or of the top-p search (True).
+
+    Buffers: part_* [2, B, P, NUM_PIVOTS] and lo_* [2, B] alternate by round parity, so a
+    launch reads only what the previous launch wrote."""
     NUM_PIVOTS: tl.constexpr = 1 << LOG_PIVOTS
     ROUNDS: tl.constexpr = 32 // LOG_PIVOTS
-    j = tl.arange(0, NUM_PIVOTS)
-    lo = tl.zeros([], tl.int64)
-    for r in tl.static_range(ROUNDS):
-        step: tl.constexpr = 1 << (32 - (r + 1) * LOG_PIVOTS)
-        piv_bits = tl.minimum(lo + j.to(tl.int64) * step, 0x7F800000)
-        piv = piv_bits.to(tl.int32).to(tl.float32, bitcast=True)
-        acc = tl.zeros([NUM_PIVOTS], tl.float32)
-        for v0 in range(0, vocab, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            p = tl.load(row_ptr + offs, mask=offs < vocab, other=-1.0).to(tl.float32)
-            if COUNT:
-                hit = p[None, :] >= piv[:, None]
-                acc += tl.sum(hit.to(tl.float32), 1)
-            else:
-                hit = (p[None, :] > piv[:, None]) & (p[None, :] >= floor)
-                acc += tl.sum(tl.where(hit, p[None, :], 0.0), 1)
-        if COUNT:
-            pred = acc >= goal
-        else:
-            pred = acc > goal
-        best = tl.max(tl.where(pred, j, 0), 0)
-        lo = lo + best.to(tl.int64) * step
-    return lo
-
-
-@triton.jit
-def _sample_kernel(
-    probs_ptr, u_ptr, topk_ptr, topp_ptr, minp_ptr, out_ptr, stride_b, vocab,
-    BLOCK_V: tl.constexpr, LOG_PIVOTS: tl.constexpr,
-):
     row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
     row_ptr = probs_ptr + row * stride_b
     top_k = tl.load(topk_ptr + row)
-    top_p = tl.load(topp_ptr + row).to(tl.float32)
-    min_p = tl.load(minp_ptr + row).to(tl.float32)
-    u = tl.load(u_ptr + row).to(tl.float32)
-
-    pmax = tl.zeros([], tl.float32)
-    for v0 in range(0, vocab, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=0.0).to(tl.float32)
-        pmax = tl.maximum(pmax, tl.max(p, 0))
+    use_k = (top_k > 0) & (top_k < vocab)
+    begin = pid * chunk
+    end = tl.minimum(begin + chunk, vocab)
+    cur = rnd % 2
+    prev = 1 - cur
+    slab = num_rows * num_chunks * NUM_PIVOTS  # one parity's partials
+    mine = row * num_chunks * NUM_PIVOTS
+    if TOP_P:
+        part_ptr = part_p_ptr
+        lo_ptr = lo_p_ptr
+        active = tl.load(topp_ptr + row) < 1.0
+    else:
+        part_ptr = part_k_ptr
+        lo_ptr = lo_k_ptr
+        active = use_k
 
     thr_k = tl.zeros([], tl.float32)
-    if (top_k > 0) & (top_k < vocab):
-        bits = _bit_search(row_ptr, vocab, top_k.to(tl.float32), 0.0,
-                           True, BLOCK_V, LOG_PIVOTS)
-        thr_k = bits.to(tl.int32).to(tl.float32, bitcast=True)
-    thr = thr_k
-    if top_p < 1.0:
-        mass = tl.zeros([], tl.float32)
-        for v0 in range(0, vocab, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            p = tl.load(row_ptr + offs, mask=offs < vocab, other=0.0).to(tl.float32)
-            mass += tl.sum(tl.where(p >= thr_k, p, 0.0), 0)
-        bits = _bit_search(row_ptr, vocab, top_p * mass, thr_k, False, BLOCK_V, LOG_PIVOTS)
-        # Keep p > float(bits), i.e. p >= the next float up.
-        thr_p = (bits + 1).to(tl.int32).to(tl.float32, bitcast=True)
-        thr = tl.maximum(thr, thr_p)
-    if min_p > 0.0:
-        thr = tl.maximum(thr, min_p * pmax)
+    goal = tl.zeros([], tl.float32)
+    lo = tl.zeros([], tl.int64)
+    if TOP_P:
+        if rnd == 0:
+            # Close the top-k search, record its threshold and this chunk's top-k mass.
+            if use_k:
+                last = (ROUNDS - 1) % 2
+                bits = _fold(part_k_ptr + last * slab + mine, lo_k_ptr + last * num_rows + row,
+                             ROUNDS - 1, top_k.to(tl.float32), num_chunks, True, BLOCK_P,
+                             LOG_PIVOTS)
+                thr_k = _as_float(bits)
+            mass = tl.zeros([], tl.float32)
+            for v0 in range(begin, end, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                p = tl.load(row_ptr + offs, mask=offs < end, other=0.0).to(tl.float32)
+                mass += tl.sum(tl.where(p >= thr_k, p, 0.0), 0)
+            tl.store(mass_ptr + row * num_chunks + pid, mass)
+            tl.store(thr_k_ptr + row, thr_k)
+        else:
+            thr_k = tl.load(thr_k_ptr + row)
+            c = tl.arange(0, BLOCK_P)
+            masses = tl.load(mass_ptr + row * num_chunks + c, mask=c < num_chunks, other=0.0)
+            goal = tl.load(topp_ptr + row).to(tl.float32) * tl.sum(masses, 0)
+    else:
+        goal = top_k.to(tl.float32)
+        if rnd == 0:
+            pmax = tl.zeros([], tl.float32)
+            for v0 in range(begin, end, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                p = tl.load(row_ptr + offs, mask=offs < end, other=0.0).to(tl.float32)
+                pmax = tl.maximum(pmax, tl.max(p, 0))
+            tl.store(max_ptr + row * num_chunks + pid, pmax)
+    if rnd > 0:
+        lo = _fold(part_ptr + prev * slab + mine, lo_ptr + prev * num_rows + row, rnd - 1,
+                   goal, num_chunks, not TOP_P, BLOCK_P, LOG_PIVOTS)
+    if pid == 0:
+        tl.store(lo_ptr + cur * num_rows + row, lo)
 
-    total = tl.zeros([], tl.float32)
-    for v0 in range(0, vocab, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=-1.0).to(tl.float32)
-        total += tl.sum(tl.where(p >= thr, p, 0.0), 0)
-    target = u * total
-    running = tl.zeros([], tl.float32)
-    found = tl.full([], 2147483647, tl.int32)
-    last = tl.full([], -1, tl.int32)
-    for v0 in range(0, vocab, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=-1.0).to(tl.float32)
-        keep = p >= thr
-        kept = tl.where(keep, p, 0.0)
-        cum = running + tl.cumsum(kept, 0)
-        found = tl.minimum(found, tl.min(tl.where(keep & (cum > target), offs, 2147483647), 0))
-        last = tl.maximum(last, tl.max(tl.where(keep, offs, -1), 0))
-        running += tl.sum(kept, 0)
-    # Rounding can leave target at or past the summed mass (u near 1): take the last kept.
-    tl.store(out_ptr + row, tl.where(found < vocab, found, last).to(tl.int64))
+    j = tl.arange(0, NUM_PIVOTS)
+    acc = tl.zeros([NUM_PIVOTS], tl.float32)
+    if active:
+        step = tl.full([], 1, tl.int64) << (32 - (rnd + 1) * LOG_PIVOTS)
+        piv = _as_float(lo + j.to(tl.int64) * step)
+        for v0 in range(begin, end, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            p = tl.load(row_ptr + offs, mask=offs < end, other=-1.0).to(tl.float32)
+            if TOP_P:
+                hit = (p[None, :] > piv[:, None]) & (p[None, :] >= thr_k)
+                acc += tl.sum(tl.where(hit, p[None, :], 0.0), 1)
+            else:
+                acc += tl.sum((p[None, :] >= piv[:, None]).to(tl.float32), 1)
+    tl.store(part_ptr + cur * slab + mine + pid * NUM_PIVOTS + j, acc)
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, out_ptr, stride_b, vocab, BLOCK_V: tl.constexpr):
+def _kept_mass_kernel(
+    probs_ptr, topp_ptr, minp_ptr, part_p_ptr, lo_p_ptr, max_ptr, mass_ptr, thr_k_ptr,
+    thr_ptr, kept_ptr, stride_b, vocab, chunk, num_chunks, num_rows,
+    BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, LOG_PIVOTS: tl.constexpr,
+):
+    """Closes the top-p search, combines the three filters into one threshold per row and
+    sums the kept mass of this chunk."""
+    NUM_PIVOTS: tl.constexpr = 1 << LOG_PIVOTS
+    ROUNDS: tl.constexpr = 32 // LOG_PIVOTS
     row = tl.program_id(0).to(tl.int64)
-    best = tl.full([], float("-inf"), tl.float32)
-    best_idx = tl.zeros([], tl.int32)
-    for v0 in range(0, vocab, BLOCK_V):
+    pid = tl.program_id(1)
+    c = tl.arange(0, BLOCK_P)
+    thr = tl.load(thr_k_ptr + row)
+    top_p = tl.load(topp_ptr + row).to(tl.float32)
+    if top_p < 1.0:
+        masses = tl.load(mass_ptr + row * num_chunks + c, mask=c < num_chunks, other=0.0)
+        last = (ROUNDS - 1) % 2
+        bits = _fold(part_p_ptr + (last * num_rows + row) * num_chunks * NUM_PIVOTS,
+                     lo_p_ptr + last * num_rows + row, ROUNDS - 1, top_p * tl.sum(masses, 0),
+                     num_chunks, False, BLOCK_P, LOG_PIVOTS)
+        thr = tl.maximum(thr, _as_float(bits + 1))  # keep p > float(bits)
+    min_p = tl.load(minp_ptr + row).to(tl.float32)
+    if min_p > 0.0:
+        pmax = tl.max(tl.load(max_ptr + row * num_chunks + c, mask=c < num_chunks, other=0.0), 0)
+        thr = tl.maximum(thr, min_p * pmax)
+    if pid == 0:
+        tl.store(thr_ptr + row, thr)
+    begin = pid * chunk
+    end = tl.minimum(begin + chunk, vocab)
+    kept = tl.zeros([], tl.float32)
+    for v0 in range(begin, end, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(x_ptr + row * stride_b + offs, mask=offs < vocab,
+        p = tl.load(probs_ptr + row * stride_b + offs, mask=offs < end, other=-1.0)
+        p = p.to(tl.float32)
+        kept += tl.sum(tl.where(p >= thr, p, 0.0), 0)
+    tl.store(kept_ptr + row * num_chunks + pid, kept)
+
+
+@triton.jit
+def _draw_kernel(
+    probs_ptr, u_ptr, thr_ptr, kept_ptr, out_ptr, stride_b, vocab, chunk, num_chunks,
+    BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Inverse CDF over the kept mass: exactly one program of a row holds the target."""
+    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    c = tl.arange(0, BLOCK_P)
+    kept = tl.load(kept_ptr + row * num_chunks + c, mask=c < num_chunks, other=0.0)
+    # Every program computes the same cumsum, so the chunks' ranges tile [0, total) exactly.
+    cum = tl.cumsum(kept, 0)
+    total = tl.sum(tl.where(c == num_chunks - 1, cum, 0.0), 0)
+    hi = tl.sum(tl.where(c == pid, cum, 0.0), 0)
+    lo = tl.sum(tl.where(c == pid - 1, cum, 0.0), 0)
+    last_nonempty = tl.max(tl.where((kept > 0.0) & (c < num_chunks), c, -1), 0)
+    target = tl.load(u_ptr + row).to(tl.float32) * total
+    holds = (lo <= target) & (target < hi)
+    # Rounding can leave target at or past the total (u near 1): the last kept token wins.
+    fallback = (target >= total) & (pid == tl.maximum(last_nonempty, 0))
+    if holds | fallback:
+        thr = tl.load(thr_ptr + row)
+        begin = pid * chunk
+        end = tl.minimum(begin + chunk, vocab)
+        running = lo
+        found = tl.full([], 2147483647, tl.int32)
+        last = tl.full([], -1, tl.int32)
+        for v0 in range(begin, end, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            p = tl.load(probs_ptr + row * stride_b + offs, mask=offs < end, other=-1.0)
+            p = p.to(tl.float32)
+            keep = p >= thr
+            k = tl.where(keep, p, 0.0)
+            run = running + tl.cumsum(k, 0)
+            hit = keep & (run > target) & (k > 0.0)
+            found = tl.minimum(found, tl.min(tl.where(hit, offs, 2147483647), 0))
+            last = tl.maximum(last, tl.max(tl.where(keep & (k > 0.0), offs, -1), 0))
+            running += tl.sum(k, 0)
+        pick = tl.where(holds & (found < vocab), found, last)
+        tl.store(out_ptr + row, tl.maximum(pick, 0).to(tl.int64))
+
+
+@triton.jit
+def _argmax_chunk_kernel(x_ptr, val_ptr, idx_ptr, stride_b, vocab, chunk, num_chunks,
+                         BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    begin = pid * chunk
+    end = tl.minimum(begin + chunk, vocab)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_idx = tl.full([], 2147483647, tl.int32)
+    for v0 in range(begin, end, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(x_ptr + row * stride_b + offs, mask=offs < end,
                     other=float("-inf")).to(tl.float32)
         m = tl.max(x, 0)
         idx = tl.min(tl.where(x == m, offs, 2147483647), 0)
         better = m > best  # strictly: the first maximum wins, as torch.argmax
         best_idx = tl.where(better, idx, best_idx)
         best = tl.where(better, m, best)
-    tl.store(out_ptr + row, best_idx.to(tl.int64))
+    tl.store(val_ptr + row * num_chunks + pid, best)
+    tl.store(idx_ptr + row * num_chunks + pid, best_idx)
+
+
+@triton.jit
+def _argmax_merge_kernel(val_ptr, idx_ptr, out_ptr, num_chunks, BLOCK_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_P)
+    mask = c < num_chunks
+    val = tl.load(val_ptr + row * num_chunks + c, mask=mask, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * num_chunks + c, mask=mask, other=2147483647)
+    m = tl.max(val, 0)
+    best = tl.min(tl.where(val == m, idx, 2147483647), 0)
+    tl.store(out_ptr + row, tl.where(best == 2147483647, 0, best).to(tl.int64))
+
+
+def _chunks(vocab: int, cfg: dict) -> tuple[int, int, int]:
+    """(chunk length, chunks per row, BLOCK_V): chunks are whole blocks."""
+    block_v = min(cfg["BLOCK_V"], next_pow2(vocab))
+    chunk = cdiv(min(cfg["CHUNK"], vocab), block_v) * block_v
+    return chunk, cdiv(vocab, chunk), block_v
 
 
 def _per_row(x, batch: int, device, dtype, off_value) -> torch.Tensor:
@@ -146,33 +278,69 @@ def _per_row(x, batch: int, device, dtype, off_value) -> torch.Tensor:
 
 def top_k_top_p_sample(probs: torch.Tensor, uniform: torch.Tensor, top_k=None, top_p=None,
                        min_p=None, config: dict | None = None) -> torch.Tensor:
-    """Draws one token per row of probs [B, V] after the filters; returns int64 ids [B]."""
+    """Draws one token per row of probs [B, V] after the filters; returns int64 ids [B].
+
+    NOTE: per-row parameters given as Python lists or scalars are copied to the device here;
+    under CUDA-graph capture pass them (and uniform) as device tensors.
+    """
     batch, vocab = probs.shape
     assert probs.stride(-1) == 1
     dev = probs.device
-    out = torch.empty(batch, device=dev, dtype=torch.int64)
+    out = torch.zeros(batch, device=dev, dtype=torch.int64)
     if batch == 0:
         return out
     cfg = config or get_config("sampling", {}, dev, probs.dtype, DEFAULT_CONFIG, batch=batch)
-    assert 32 % cfg["LOG_PIVOTS"] == 0
-    _sample_kernel[(batch,)](
-        probs, _per_row(uniform, batch, dev, torch.float32, 0.0),
-        _per_row(top_k, batch, dev, torch.int32, 0), _per_row(top_p, batch, dev, torch.float32, 1.0),
-        _per_row(min_p, batch, dev, torch.float32, 0.0), out, probs.stride(0), vocab,
-        BLOCK_V=min(cfg["BLOCK_V"], next_pow2(vocab)), LOG_PIVOTS=cfg["LOG_PIVOTS"],
-        num_warps=cfg["num_warps"],
+    log_pivots = cfg["LOG_PIVOTS"]
+    assert 32 % log_pivots == 0
+    chunk, num_chunks, block_v = _chunks(vocab, cfg)
+    pivots = 1 << log_pivots
+
+    def buf(*shape, dtype=torch.float32):
+        return torch.empty(shape, device=dev, dtype=dtype)
+
+    part_k, part_p = buf(2, batch, num_chunks, pivots), buf(2, batch, num_chunks, pivots)
+    lo_k, lo_p = buf(2, batch, dtype=torch.int64), buf(2, batch, dtype=torch.int64)
+    chunk_max, chunk_mass, kept = (buf(batch, num_chunks) for _ in range(3))
+    thr_k, thr = buf(batch), buf(batch)
+    u = _per_row(uniform, batch, dev, torch.float32, 0.0)
+    k = _per_row(top_k, batch, dev, torch.int32, 0)
+    p = _per_row(top_p, batch, dev, torch.float32, 1.0)
+    m = _per_row(min_p, batch, dev, torch.float32, 0.0)
+    grid = (batch, num_chunks)
+    sizes = {"BLOCK_P": next_pow2(num_chunks), "BLOCK_V": block_v}
+    warps = cfg["num_warps"]
+    for top_p_phase in (False, True):
+        for rnd in range(32 // log_pivots):
+            _round_kernel[grid](
+                probs, k, p, part_k, part_p, lo_k, lo_p, chunk_max, chunk_mass, thr_k,
+                probs.stride(0), vocab, chunk, num_chunks, rnd, batch,
+                TOP_P=top_p_phase, LOG_PIVOTS=log_pivots, num_warps=warps, **sizes,
+            )
+    _kept_mass_kernel[grid](
+        probs, p, m, part_p, lo_p, chunk_max, chunk_mass, thr_k, thr, kept,
+        probs.stride(0), vocab, chunk, num_chunks, batch, LOG_PIVOTS=log_pivots,
+        num_warps=warps, **sizes,
     )
+    _draw_kernel[grid](probs, u, thr, kept, out, probs.stride(0), vocab, chunk, num_chunks,
+                       num_warps=warps, **sizes)
     return out
 
 
-def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
+def greedy_sample(logits: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """argmax over the last dimension of logits [B, V] (first index among equal maxima)."""
     batch, vocab = logits.shape
     assert logits.stride(-1) == 1
     out = torch.empty(batch, device=logits.device, dtype=torch.int64)
-    if batch:
-        _argmax_kernel[(batch,)](logits, out, logits.stride(0), vocab,
-                                 BLOCK_V=min(1024, next_pow2(vocab)), num_warps=4)
+    if batch == 0:
+        return out
+    cfg = config or DEFAULT_CONFIG
+    chunk, num_chunks, block_v = _chunks(vocab, cfg)
+    vals = torch.empty(batch, num_chunks, device=logits.device, dtype=torch.float32)
+    idx = torch.empty(batch, num_chunks, device=logits.device, dtype=torch.int32)
+    _argmax_chunk_kernel[(batch, num_chunks)](logits, vals, idx, logits.stride(0), vocab, chunk,
+                                              num_chunks, BLOCK_V=block_v, num_warps=4)
+    _argmax_merge_kernel[(batch,)](vals, idx, out, num_chunks, BLOCK_P=next_pow2(num_chunks),
+                                   num_warps=1)
     return out
 
 

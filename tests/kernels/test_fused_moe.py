@@ -4,7 +4,12 @@ from conftest import assert_close
 
 pytest.importorskip("triton")
 
-from crosspool_kernels.fused_moe import fused_moe, fused_moe_ref, moe_align
+from crosspool_kernels.fused_moe import (
+    fused_moe,
+    fused_moe_ref,
+    moe_align,
+    moe_align_torch,
+)
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
 
@@ -52,10 +57,11 @@ def test_fused_moe_default_config(device):
                  torch.float32)
 
 
-def test_moe_align_layout():
-    ids = torch.tensor([[0, 2], [2, 3], [0, 2], [3, 1]])
-    local_index = torch.tensor([0, -1, 1, 2])  # expert 1 lives elsewhere
-    pairs, block_experts, used = moe_align(ids, 3, 4, local_index)
+@pytest.mark.parametrize("align", [moe_align, moe_align_torch])
+def test_moe_align_layout(align, device):
+    ids = torch.tensor([[0, 2], [2, 3], [0, 2], [3, 1]], device=device)
+    local_index = torch.tensor([0, -1, 1, 2], device=device)  # expert 1 lives elsewhere
+    pairs, block_experts, used = align(ids, 3, 4, local_index)
     n = ids.numel()
     assert int(used) == 12 and pairs.numel() % 4 == 0
     local = local_index[ids.flatten()]
@@ -67,3 +73,15 @@ def test_moe_align_layout():
         assert all(p == n or int(local[p]) == e for p in run)
     served = sorted(p for p in pairs.tolist() if p < n)
     assert served == [i for i in range(n) if local[i] >= 0]
+
+
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "block_m"), [
+    (1, 8, 2, 16), (37, 6, 3, 16), (100, 64, 8, 16), (300, 16, 2, 64),
+])
+def test_moe_align_kernel_matches_torch_path(tokens, experts, top_k, block_m, device):
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids = ids.to(device)
+    ids[0, 0] = -1  # a pair with no expert
+    for got, want in zip(moe_align(ids, experts, block_m), moe_align_torch(ids, experts, block_m)):
+        assert torch.equal(got, want)

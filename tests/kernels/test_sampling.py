@@ -14,8 +14,8 @@ from crosspool_kernels.sampling import (
 from sglang_crosspool.engine.sampler import filtered_probs
 from sglang_crosspool.engine.sampling_params import SamplingParams
 
-SMALL = {"BLOCK_V": 256, "LOG_PIVOTS": 4, "num_warps": 4}
-WIDE = {"BLOCK_V": 128, "LOG_PIVOTS": 8, "num_warps": 4}  # 256 pivots, 4 passes
+SMALL = {"BLOCK_V": 256, "CHUNK": 512, "LOG_PIVOTS": 4, "num_warps": 4}  # 2 chunks of V=1000
+WIDE = {"BLOCK_V": 128, "CHUNK": 128, "LOG_PIVOTS": 8, "num_warps": 4}  # 256 pivots, 4 rounds
 
 
 def _probs(batch, vocab, seed, dtype=torch.float32, device="cpu"):
@@ -25,7 +25,7 @@ def _probs(batch, vocab, seed, dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize(("vocab", "dtype", "config"), [
     (1000, torch.float32, SMALL),  # vocab not a multiple of the block
-    (300, torch.float16, None),  # default config, half-precision probs
+    (300, torch.float16, None),  # default config (one chunk), half-precision probs
 ])
 def test_sample_matches_reference(vocab, dtype, config, device):
     batch = 8
@@ -75,6 +75,6 @@ def test_greedy_matches_argmax(device):
     logits = torch.randn(5, 700, generator=torch.Generator().manual_seed(5)).to(device)
     logits[2, 10] = logits[2, 600] = 100.0  # ties: the first index wins
     logits[3, 699] = 100.0  # in the last, partial block
-    out = greedy_sample(logits)
+    out = greedy_sample(logits, config=SMALL)  # two chunks
     assert out.tolist() == greedy_sample_ref(logits).tolist()
     assert out[2] == 10
