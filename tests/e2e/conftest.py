@@ -120,6 +120,20 @@ def server(model_paths, tmp_path_factory):
     assert s.proc.returncode in (0, -15), s.log.read_text()
 
 
+@pytest.fixture
+def launch_server(tmp_path):
+    """Starts servers of one test (killed at its end): launch_server(paths, *flags)."""
+    started = []
+
+    def launch(paths: dict[str, str], *extra: str, api_key: str | None = None):
+        started.append(start_server(tmp_path, paths, *extra, api_key=api_key))
+        return started[-1]
+
+    yield launch
+    for s in started:
+        stop_server(s)
+
+
 @pytest.fixture(scope="session")
 def limited_server(model_paths, tmp_path_factory):
     """One model, an API key, one running request and one queued at most."""

@@ -25,8 +25,8 @@ def test_models_listed(client):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_chat_plain_and_streamed_agree(client, server, model):
-    kw = dict(model=model, messages=CHAT, max_tokens=8, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0,
+              "extra_body": {"ignore_eos": True}}
     full = client.chat.completions.create(**kw)
     choice = full.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
@@ -55,8 +55,8 @@ def test_chat_plain_and_streamed_agree(client, server, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_completions_plain_and_streamed(client, model):
-    kw = dict(model=model, prompt="The quick brown fox", max_tokens=6, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = {"model": model, "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0,
+              "extra_body": {"ignore_eos": True}}
     full = client.completions.create(**kw)
     assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 6
     streamed = list(client.completions.create(**kw, stream=True))
