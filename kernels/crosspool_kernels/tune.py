@@ -89,7 +89,7 @@ class FusedMoE(Family):
 
     def candidates(self, batch):
         for bm, bn, bk, warps, stages in itertools.product(
-            (16, 32, 64, 128), (32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4)
+            (16, 32, 64, 128), (32, 64, 128), (64, 128, 256), (4, 8), (3, 4)
         ):
             if bm > 16 and bm > 4 * batch * self.args.top_k:
                 continue
@@ -203,8 +203,10 @@ class Sampling(Family):
         return dict(DEFAULT_CONFIG)
 
     def candidates(self, batch):
-        for bv, logp, warps in itertools.product((256, 512, 1024, 2048), (1, 2, 4), (4, 8, 16)):
-            yield {"BLOCK_V": bv, "LOG_PIVOTS": logp, "num_warps": warps}
+        for bv, chunk, logp, warps in itertools.product((512, 1024, 2048), (2048, 4096, 8192),
+                                                         (1, 2, 4), (4, 8)):
+            if chunk >= bv:
+                yield {"BLOCK_V": bv, "CHUNK": chunk, "LOG_PIVOTS": logp, "num_warps": warps}
 
     def inputs(self, batch):
         probs = torch.randn(batch, self.args.vocab, device=self.device).softmax(-1)
