@@ -105,8 +105,13 @@ def stop_server(server: RunningServer) -> None:
             server.proc.wait(timeout=10)
 
 
+SERVER_DEPS = ("fastapi", "uvicorn", "uvloop", "zmq", "prometheus_client")
+
+
 @pytest.fixture(scope="session")
 def model_paths(tmp_path_factory) -> dict[str, str]:
+    for module in SERVER_DEPS:  # listed in requirements-server.txt
+        pytest.importorskip(module)
     root = tmp_path_factory.mktemp("e2e-models")
     return {name: str(make_model(root / name, arch, seed=seed))
             for name, (arch, seed) in MODELS.items()}

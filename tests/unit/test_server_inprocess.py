@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+
+for _module in ("fastapi", "zmq", "prometheus_client"):  # listed in requirements-server.txt
+    pytest.importorskip(_module)
+
 from fastapi.testclient import TestClient
 
 from sglang_crosspool.server.engine_client import InProcessEngineClient
