@@ -36,10 +36,12 @@ def ensure_demo_models(progress: bool = True) -> dict[str, Path]:
     if not missing:
         return paths
     from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
 
     from sglang_crosspool.testing.checkpoints import make_model
 
     root.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()  # one bar for the whole set, not one per shard
     bar = tqdm(missing, desc=f"making demo models in {root}", unit="model", disable=not progress)
     for name in bar:
         arch, seed = DEMO_MODELS[name]
