@@ -141,6 +141,7 @@ def decode_attention(
     `num_splits` fixes the split count (keep it fixed under CUDA graphs); otherwise it comes
     from the tuned config, capped so that a split covers at least `min_split_tokens` when
     `max_ctx_len` is known (known for free when ctx_lens is a list).
+    NOTE: a list ctx_lens is copied to the device here; under graph capture pass a tensor.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]

@@ -7,7 +7,8 @@ its row in w13/w2, or -1 where another FFN server owns it (those pairs contribut
 Out: [T, Hd] = sum over the k pairs of weight * w2[e] @ (silu(gate) * up), in hidden's dtype.
 
 Steps: `moe_align` sorts the (token, slot) pairs by local expert into BLOCK_M-aligned runs
-(torch ops, no host sync, so it can sit in a CUDA graph); GEMM 1 gathers each block's tokens
+(one Triton program up to 1024 pairs, torch ops beyond; neither waits on the host, so the
+whole layer can sit in a CUDA graph); GEMM 1 gathers each block's tokens
 and computes gate and up tiles together, writing silu(gate) * up per pair; GEMM 2 multiplies by
 w2 with the routing weight fused in its epilogue, writing per pair; a last kernel sums each
 token's k pairs in float32, skipping pairs that no local expert served.

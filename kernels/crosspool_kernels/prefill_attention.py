@@ -103,6 +103,7 @@ def prefill_attention(
 
     q_starts / q_lens / ctx_lens are lists or [B] tensors. The grid is sized by the longest
     q_len: given for free by a list, else pass `max_q_len` (NOTE: else a device sync).
+    Lists are copied to the device here; under CUDA-graph capture pass tensors.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
