@@ -42,6 +42,7 @@ class EngineConfig:
     ffn_transport: str  # crosspool: local | shm | dist
     ffn_device: str  # crosspool: where FFN servers put their weights
     dist_backend: str  # for ffn_transport="dist": gloo (CPU) or nccl (GPU)
+    pipeline_microbatches: int  # micro-batches in flight per step (layer-wise pipeline)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -77,6 +78,7 @@ class EngineConfig:
         ffn_transport: str = "local",
         ffn_device: str | None = None,
         dist_backend: str | None = None,
+        pipeline_microbatches: int = 1,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -97,12 +99,15 @@ class EngineConfig:
                 raise ValueError(f"{key}: must be >= 1, got {value}")
         _choice("pool_mode", pool_mode, POOL_MODES)
         _choice("ffn_transport", ffn_transport, FFN_TRANSPORTS)
-        if ffn_servers < 1:
-            raise ValueError(f"ffn_servers: must be >= 1, got {ffn_servers}")
+        for key, value in (("ffn_servers", ffn_servers),
+                           ("pipeline_microbatches", pipeline_microbatches)):
+            if value < 1:
+                raise ValueError(f"{key}: must be >= 1, got {value}")
         dist_backend = dist_backend or ("gloo" if device == "cpu" else "nccl")
         return cls(tuple(entries), device, dtype, max_running_requests, chunked_prefill_size,
                    kv_page_bytes, kv_pages, kv_budget_bytes, attention_backend, random_seed,
-                   pool_mode, ffn_servers, ffn_transport, ffn_device or device, dist_backend)
+                   pool_mode, ffn_servers, ffn_transport, ffn_device or device, dist_backend,
+                   pipeline_microbatches)
 
 
 POOL_MODES = ("static", "monolithic", "crosspool")

@@ -7,6 +7,7 @@ reports back finished requests; nothing here touches a tensor or a socket.
 """
 
 from crosspool_scheduler.kv import KVAllocator
+from crosspool_scheduler.pipeline import Op, Timeline, layer_pipeline
 from crosspool_scheduler.policy import RoundRobinPolicy
 from crosspool_scheduler.request import ReqStatus, SchedReq
 from crosspool_scheduler.scheduler import (
@@ -21,6 +22,9 @@ __all__ = [
     "Batch",
     "GlobalScheduler",
     "KVAllocator",
+    "Op",
+    "Timeline",
+    "layer_pipeline",
     "ReqStatus",
     "RequestTooLarge",
     "RoundRobinPolicy",

@@ -112,15 +112,23 @@ class GlobalScheduler:
         return bool(self.requests)
 
     def schedule(self) -> Batch | None:
+        batches = self.schedule_many(1)
+        return batches[0] if batches else None
+
+    def schedule_many(self, count: int) -> list[Batch]:
+        """Up to `count` batches of distinct models, to run as pipelined micro-batches."""
         with_work = [m for m, q in self.queues.items() if q.waiting or q.running]
+        batches: list[Batch] = []
         for model in self.policy.order(with_work, self.models):
-            batch = self._schedule_model(model)
+            if len(batches) == count:
+                break
+            batch = self._schedule_model(model, [s for b in batches for s in b.seqs])
             if batch is not None:
                 self.policy.served(model)
-                return batch
-        return None
+                batches.append(batch)
+        return batches
 
-    def _schedule_model(self, model: str) -> Batch | None:
+    def _schedule_model(self, model: str, elsewhere: list[ScheduledSeq]) -> Batch | None:
         queue = self.queues[model]
         budget = self.limits.chunk_tokens
         seqs: list[ScheduledSeq] = []
@@ -130,7 +138,7 @@ class GlobalScheduler:
             if req.status is not ReqStatus.RUNNING:
                 continue  # retracted while making room for an older request
             n = min(req.remaining, budget)
-            if self._grow(req, req.num_computed + n, seqs):
+            if self._grow(req, req.num_computed + n, seqs + elsewhere):
                 seqs.append(ScheduledSeq(req, req.num_computed, n))
                 budget -= n
         while queue.waiting and budget > 0 and self._num_running() < self.limits.max_running_requests:

@@ -23,7 +23,8 @@ class AttentionBackend(ABC):
         self.scale = head_dim**-0.5
 
     def prepare(self, fb: ForwardBatch) -> None:
-        """Once per step, before the first layer: derive whatever the kernels index with."""
+        """Once per step, before the first layer: derive what the kernels index with and keep
+        it in `fb.attn_meta` (several micro-batches of one model may be in flight at once)."""
 
     @abstractmethod
     def forward(self, q, k, v, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
@@ -37,7 +38,7 @@ class TorchAttention(AttentionBackend):
         t = fb.block_tokens
         offsets = torch.arange(t, device=fb.block_tables.device)
         slots = (fb.block_tables[:, :, None] * t + offsets).flatten(1)
-        self._ctx_slots = [slots[i, :n] for i, n in enumerate(fb.ctx_lens)]
+        fb.attn_meta = [slots[i, :n] for i, n in enumerate(fb.ctx_lens)]
 
     def forward(self, q, k, v, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
         k_cache[fb.slot_mapping] = k
@@ -45,7 +46,7 @@ class TorchAttention(AttentionBackend):
         out = torch.empty_like(q)
         groups = self.num_heads // self.num_kv_heads
         for i, (start, n, ctx) in enumerate(zip(fb.q_starts, fb.q_lens, fb.ctx_lens)):
-            slots = self._ctx_slots[i]
+            slots = fb.attn_meta[i]
             keys = k_cache[slots].repeat_interleave(groups, dim=1)  # [ctx, H, d]
             vals = v_cache[slots].repeat_interleave(groups, dim=1)
             qs = q[start : start + n]

@@ -15,11 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
-from crosspool_scheduler import Batch, GlobalScheduler, RequestTooLarge, SchedReq, SchedulerLimits
+from crosspool_scheduler import (
+    Batch,
+    GlobalScheduler,
+    RequestTooLarge,
+    SchedReq,
+    SchedulerLimits,
+    Timeline,
+)
 from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.engine.attention import get_attention_backend
 from sglang_crosspool.engine.forward_batch import ForwardBatch
-from sglang_crosspool.engine.model_runner import ModelRunner
+from sglang_crosspool.engine.model_runner import MicroBatch, ModelRunner, forward_pipelined
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprobs
 from sglang_crosspool.engine.sampling_params import InvalidRequest
@@ -113,6 +120,8 @@ class EngineCore:
         self.generator.manual_seed(self.config.random_seed)
         # Called with (rid, raw logits row) before each sampled token: for tests and tracing.
         self.logits_observer = None
+        self.last_timeline: Timeline | None = None
+        self.pipeline_totals = {"steps": 0, "wall_s": 0.0, "wait_s": 0.0}
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -185,19 +194,43 @@ class EngineCore:
     # -- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestState]:
-        """Runs one batch; returns the requests that produced a token or finished."""
-        batch = self.scheduler.schedule()
-        if batch is None:
+        """Runs one step; returns the requests that produced a token or finished.
+
+        With `pipeline_microbatches` > 1 the step holds that many micro-batches - batches of
+        distinct models, else one model's batch split - run in the layer-wise pipeline.
+        """
+        depth = self.config.pipeline_microbatches
+        batches = _split(self.scheduler.schedule_many(depth), depth)
+        if not batches:
             return []
-        runner = self.runners[batch.model]
-        fb = ForwardBatch.build(batch, self.kv_pool.block_tokens(batch.model), self.device)
-        rows, plans = self._plan_rows(batch, fb)
+        mbs, plans = [], []
+        for batch in batches:
+            fb = ForwardBatch.build(batch, self.kv_pool.block_tokens(batch.model), self.device)
+            rows, batch_plans = self._plan_rows(batch, fb)
+            rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            mbs.append(MicroBatch(self.runners[batch.model], fb, rows_t))
+            plans.append(batch_plans)
         try:
-            logits = runner.forward(fb, torch.tensor(rows, dtype=torch.int64, device=self.device))
+            if len(mbs) == 1:
+                logits = [mbs[0].runner.forward(mbs[0].fb, mbs[0].rows)]
+            else:
+                timeline = Timeline()
+                logits = forward_pipelined(mbs, timeline)
+                self._record_pipeline(timeline)
         except FFNServerError as e:
             return self._fail_all(f"the weights pool failed: {e}")
-        self.scheduler.advance(batch)
-        return [p.state for p in plans if self._postprocess(p, logits)]
+        done = []
+        for batch, batch_plans, batch_logits in zip(batches, plans, logits):
+            self.scheduler.advance(batch)
+            done += [p.state for p in batch_plans if self._postprocess(p, batch_logits)]
+        return done
+
+    def _record_pipeline(self, timeline: Timeline) -> None:
+        self.last_timeline = timeline
+        totals = self.pipeline_totals
+        totals["steps"] += 1
+        totals["wall_s"] += timeline.wall
+        totals["wait_s"] += timeline.total("wait")
 
     def _plan_rows(self, batch: Batch, fb: ForwardBatch) -> tuple[list[int], list[_SeqPlan]]:
         rows: list[int] = []
@@ -294,7 +327,29 @@ class EngineCore:
             "ffn_bytes_here": self.ffn.local_bytes(),
             "ffn_bytes_per_server": self.ffn.server_bytes(),
             "unavailable": self.unavailable,
+            "pipeline": dict(self.pipeline_totals, bubble_fraction=(
+                self.pipeline_totals["wait_s"] / self.pipeline_totals["wall_s"]
+                if self.pipeline_totals["wall_s"] else 0.0)),
         }
 
     def shutdown(self) -> None:
         self.ffn.close()
+
+
+def _split(batches: list[Batch], depth: int) -> list[Batch]:
+    """Splits the largest batch by sequences until there are `depth` micro-batches (or no
+    batch has two sequences left)."""
+    batches = list(batches)
+    while 0 < len(batches) < depth:
+        largest = max(batches, key=lambda b: len(b.seqs))
+        if len(largest.seqs) < 2:
+            break
+        half, acc = 0, 0
+        while acc * 2 < largest.num_tokens and half < len(largest.seqs) - 1:
+            acc += largest.seqs[half].length
+            half += 1
+        half = max(half, 1)
+        batches.remove(largest)
+        batches += [Batch(largest.model, largest.seqs[:half]),
+                     Batch(largest.model, largest.seqs[half:])]
+    return batches

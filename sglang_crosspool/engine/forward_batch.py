@@ -23,6 +23,7 @@ class ForwardBatch:
     ctx_lens: list[int]  # per sequence: tokens in the KV pool after this step
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     block_tokens: int
+    attn_meta: object = None  # set by the attention backend's prepare(), once per step
 
     @property
     def num_tokens(self) -> int:

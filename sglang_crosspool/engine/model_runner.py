@@ -1,9 +1,19 @@
-"""Runs one model's forward pass for one step: attention half here, FFN via the executor."""
+"""Runs models' forward passes for one step: attention here, FFN through the executor.
+
+`forward` runs one batch layer by layer. `forward_pipelined` runs several micro-batches (of
+one model or several) in the layer-wise pipeline order of `crosspool_scheduler.pipeline`: a
+micro-batch's FFN is submitted, then other micro-batches run attention before it is waited
+for, so the transfer and the FFN servers' work hide behind attention.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
+from crosspool_scheduler.pipeline import ATTENTION, SUBMIT, Timeline, layer_pipeline
 from sglang_crosspool.engine.attention import AttentionBackend
 from sglang_crosspool.engine.forward_batch import ForwardBatch
 from sglang_crosspool.ffn.executor import FFNExecutor
@@ -20,15 +30,52 @@ class ModelRunner:
         self.backend = backend
         self.ffn = ffn
 
+    @property
+    def num_layers(self) -> int:
+        return self.model.spec.num_layers
+
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, rows: torch.Tensor) -> torch.Tensor:
         """Runs every layer over the batch; returns float32 logits of the hidden `rows`."""
         self.backend.prepare(fb)
         x = self.model.embed_tokens(fb.input_ids)
-        for i in range(self.model.spec.num_layers):
+        for i in range(self.num_layers):
             x, h, routing = self.model.attention_block(i, x, fb, self._attend)
             x = x + self.ffn.forward(self.name, i, h, routing)
         return self.model.logits(x[rows])
 
     def _attend(self, i: int, q, k, v, fb: ForwardBatch) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.kv.k[i], self.kv.v[i], fb)
+
+
+@dataclass
+class MicroBatch:
+    runner: ModelRunner
+    fb: ForwardBatch
+    rows: torch.Tensor
+    x: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    routing: object = None
+    handle: object = None
+
+
+@torch.inference_mode()
+def forward_pipelined(mbs: list[MicroBatch], timeline: Timeline | None = None):
+    """Runs micro-batches in the layer-wise pipeline; returns each one's logits rows."""
+    for mb in mbs:
+        mb.runner.backend.prepare(mb.fb)
+        mb.x = mb.runner.model.embed_tokens(mb.fb.input_ids)
+    for op in layer_pipeline([mb.runner.num_layers for mb in mbs]):
+        mb = mbs[op.mb]
+        start = time.perf_counter()
+        if op.kind == ATTENTION:
+            mb.x, mb.h, mb.routing = mb.runner.model.attention_block(
+                op.layer, mb.x, mb.fb, mb.runner._attend)
+        elif op.kind == SUBMIT:
+            mb.handle = mb.runner.ffn.submit(mb.runner.name, op.layer, mb.h, mb.routing)
+        else:
+            mb.x = mb.x + mb.runner.ffn.wait(mb.handle)
+            mb.handle = None
+        if timeline is not None:
+            timeline.add(op, start, time.perf_counter())
+    return [mb.runner.model.logits(mb.x[mb.rows]) for mb in mbs]

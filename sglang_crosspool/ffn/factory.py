@@ -31,7 +31,8 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
             device=config.ffn_device, dtype=config.dtype, transport=config.ffn_transport,
             max_tokens=config.chunked_prefill_size,
             hidden=max(m.spec.hidden_size for m in config.models),
-            max_top_k=max(m.spec.top_k for m in config.models), dist_backend=config.dist_backend)
+            max_top_k=max(m.spec.top_k for m in config.models), dist_backend=config.dist_backend,
+            slots=max(2, config.pipeline_microbatches))
         return RemoteFFNExecutor(FFNServerPool(spec))
     device = torch.device(config.ffn_device)
     halves = {}

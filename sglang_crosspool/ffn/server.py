@@ -11,8 +11,10 @@ and lm_head never enter this process.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import signal
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -47,14 +49,17 @@ class FFNServerSpec:
         return json.dumps(asdict(self))
 
 
-def load_halves(spec: FFNServerSpec) -> dict:
-    halves = {}
+def load_halves(spec: FFNServerSpec) -> tuple[dict, list[str]]:
+    """This server's FFN halves, and the names of every tensor read to build them."""
+    halves, keys = {}, []
     for name, path in spec.models.items():
         model_spec, arch = resolve(path)
-        halves[name] = arch.ffn_cls(model_spec, CheckpointFiles(path), torch.device(spec.device),
+        files = CheckpointFiles(path)
+        halves[name] = arch.ffn_cls(model_spec, files, torch.device(spec.device),
                                     DTYPES[spec.dtype], experts=spec.experts[name],
                                     with_shared=spec.with_shared)
-    return halves
+        keys.extend(f"{name}:{key}" for key in sorted(files.read_keys))
+    return halves, keys
 
 
 def serve(spec: FFNServerSpec) -> None:
@@ -67,14 +72,15 @@ def serve(spec: FFNServerSpec) -> None:
 
         dist.init_process_group(spec.dist["backend"], init_method=spec.dist["init_method"],
                                 rank=spec.server_id + 1, world_size=spec.dist["world_size"])
-    halves = load_halves(spec)
+    halves, keys_read = load_halves(spec)
     if spec.transport == "shm":
         endpoint = ShmEndpoint(ShmLayout(**spec.shm))
     else:
         sizes = {name: h.spec.hidden_size for name, h in halves.items()}
         endpoint = DistEndpoint(sizes, DTYPES[spec.dtype])
     ffn_bytes = sum(h.nbytes() for h in halves.values())
-    sock.send(m.encode(m.Ready(spec.server_id, os.getpid(), ffn_bytes, 0, spec.experts)))
+    sock.send(m.encode(m.Ready(spec.server_id, os.getpid(), ffn_bytes, tuple(keys_read),
+                              spec.experts)))
     log.info("FFN server %d ready: %d bytes of FFN weights", spec.server_id, ffn_bytes)
     try:
         _loop(sock, endpoint, halves)
@@ -104,6 +110,7 @@ def _loop(sock, endpoint, halves) -> None:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a server is stuck
     logging.basicConfig(level=os.environ.get("SGLANG_CROSSPOOL_LOG", "WARNING"),
                         format="%(asctime)s ffn-server %(levelname)s %(message)s")
     serve(FFNServerSpec(**json.loads(sys.argv[1])))

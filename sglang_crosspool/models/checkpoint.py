@@ -24,6 +24,7 @@ class CheckpointFiles:
         self.dir = Path(model_dir)
         self._where: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
+        self.read_keys: set[str] = set()  # what this process actually loaded, for audits
         index = self.dir / INDEX_FILE
         if index.exists():
             self._read_index(index)
@@ -66,6 +67,7 @@ class CheckpointFiles:
             raise CheckpointError(f"{self.dir}: tensor '{key}' not found in the checkpoint")
         file = self._where[key]
         tensor = self._handle(file).get_tensor(key)
+        self.read_keys.add(key)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(
                 f"{file}: tensor '{key}' has shape {tuple(tensor.shape)}, config implies {shape}"

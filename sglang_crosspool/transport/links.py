@@ -81,37 +81,38 @@ class ShmEndpoint:
 
 
 class DistLink(_LinkBase):
-    """torch.distributed data path: rank 0 is the attention worker, rank s+1 FFN server s."""
+    """torch.distributed data path: rank 0 is the attention worker, rank s+1 FFN server s.
+
+    NOTE: the output's irecv is posted at submit time. With two slots in flight, a server
+    may finish one slot's output while the attention worker is still sending the other's
+    inputs; a pre-posted receive lets its send complete instead of deadlocking both sides.
+    """
 
     def __init__(self, sock, server_id, alive, hidden_dtype):
         super().__init__(sock, server_id, alive)
         self.rank = server_id + 1
         self.dtype = hidden_dtype
-        self._sends: dict[int, list] = {}
-        self._hidden: dict[int, int] = {}  # slot -> hidden size of the model in flight
+        self._works: dict[int, tuple] = {}  # slot -> (tensors kept alive, works, output)
 
     def submit(self, slot, model, layer, hidden, routing: Routing) -> None:
+        import torch
         import torch.distributed as dist
 
         k = 0 if routing.topk_ids is None else routing.topk_ids.shape[1]
-        self._pending[slot] = hidden.shape[0]
-        self._hidden[slot] = hidden.shape[1]
         self._control(m.Forward(slot, model, layer, hidden.shape[0], k))
         tensors = [hidden.contiguous()]
         if k:
             tensors += [routing.topk_ids.contiguous(), routing.topk_weights.float().contiguous()]
-        self._sends[slot] = [(t, dist.isend(t, self.rank)) for t in tensors]
+        works = [dist.isend(t, self.rank) for t in tensors]
+        out = torch.empty(hidden.shape, dtype=self.dtype)
+        works.append(dist.irecv(out, self.rank))
+        self._works[slot] = (tensors, works, out)
 
     def wait(self, slot):
-        import torch
-        import torch.distributed as dist
-
         self._await_done(slot)
-        for _, work in self._sends.pop(slot):
+        _, works, out = self._works.pop(slot)
+        for work in works:
             work.wait()
-        n = self._pending.pop(slot)
-        out = torch.empty(n, self._hidden.pop(slot), dtype=self.dtype)
-        dist.recv(out, self.rank)
         return out
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ class Ready:
     server_id: int
     pid: int
     ffn_bytes: int  # bytes of FFN weights this server holds
-    attention_bytes: int  # always 0: FFN servers never load attention weights
+    keys_read: tuple[str, ...]  # "model:tensor" for every checkpoint tensor loaded here
     experts: dict  # model -> expert ids held
 
 
