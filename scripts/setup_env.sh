@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs the project with the exact CPU versions of constraints-cpu.txt.
-# Sourced by scripts/test.sh and scripts/quickstart.sh; safe to run again (a no-op when current).
+# Creates .venv (once) and installs the project, its server, and the test clients with the exact
+# CPU versions of constraints-cpu.txt and requirements-server.txt. Sourced by scripts/test.sh
+# and scripts/quickstart.sh; a no-op when nothing changed since the last install.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
-stamp="$venv/.installed-$(cat "$root/pyproject.toml" "$root/constraints-cpu.txt" | sha1sum | cut -c1-12)"
+inputs=("$root/pyproject.toml" "$root/constraints-cpu.txt" "$root/requirements-server.txt")
+stamp="$venv/.installed-$(cat "${inputs[@]}" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
+    echo "setting up $venv (first run: a couple of minutes)" >&2
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" -e "$root[test,triton]"
+    pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+    "${pip[@]}" -c "$root/constraints-cpu.txt" -e "$root[test,triton]" \
+        -r "$root/requirements-server.txt"
+    # sglang is only a test client (frontend language, bench_serving); its own dependencies
+    # (a CUDA torch, GPU kernels) are neither needed nor installable here.
+    "${pip[@]}" --no-deps "sglang==0.5.9"
     rm -f "$venv"/.installed-*
     touch "$stamp"
 fi

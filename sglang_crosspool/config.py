@@ -43,6 +43,7 @@ class EngineConfig:
     ffn_device: str  # crosspool: where FFN servers put their weights
     dist_backend: str  # for ffn_transport="dist": gloo (CPU) or nccl (GPU)
     pipeline_microbatches: int  # micro-batches in flight per step (layer-wise pipeline)
+    ffn_placement: tuple | None  # ((model, ((expert ids of server 0), ...)), ...) or None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -79,6 +80,7 @@ class EngineConfig:
         ffn_device: str | None = None,
         dist_backend: str | None = None,
         pipeline_microbatches: int = 1,
+        ffn_placement=None,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -107,7 +109,7 @@ class EngineConfig:
         return cls(tuple(entries), device, dtype, max_running_requests, chunked_prefill_size,
                    kv_page_bytes, kv_pages, kv_budget_bytes, attention_backend, random_seed,
                    pool_mode, ffn_servers, ffn_transport, ffn_device or device, dist_backend,
-                   pipeline_microbatches)
+                   pipeline_microbatches, _placement(ffn_placement, names, ffn_servers))
 
 
 POOL_MODES = ("static", "monolithic", "crosspool")
@@ -130,3 +132,17 @@ def _served_names(paths: list, names) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"served_model_name: names must be unique, got {names}")
     return names
+
+
+def _placement(placement, names: list[str], servers: int) -> tuple | None:
+    """Checks a given expert placement (e.g. from a plan) against the served models."""
+    if placement is None:
+        return None
+    table = dict(placement)
+    for name in names:
+        if name not in table:
+            raise ValueError(f"ffn_placement: no placement for model {name!r}")
+        if len(table[name]) != servers:
+            raise ValueError(f"ffn_placement: model {name!r} is placed on {len(table[name])} "
+                             f"servers, ffn_servers is {servers}")
+    return tuple((name, tuple(tuple(s) for s in table[name])) for name in names)

@@ -62,6 +62,8 @@ class ServerArgs:
     pool_mode: str = "monolithic"
     ffn_servers: int = 1
     ffn_transport: str = "local"
+    ffn_placement: tuple | None = None  # from --plan: ((model, ((expert ids), ...)), ...)
+    pipeline_microbatches: int = 1
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
     kv_budget_bytes: int = 256 << 20
@@ -103,7 +105,8 @@ class ServerArgs:
             kv_page_bytes=self.kv_page_bytes, kv_pages=self.kv_pages,
             kv_budget_bytes=self.kv_budget_bytes, attention_backend=self.attention_backend,
             random_seed=self.random_seed, pool_mode=self.pool_mode,
-            ffn_servers=self.ffn_servers, ffn_transport=self.ffn_transport)
+            ffn_servers=self.ffn_servers, ffn_transport=self.ffn_transport,
+            ffn_placement=self.ffn_placement, pipeline_microbatches=self.pipeline_microbatches)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -127,6 +130,8 @@ class ServerArgs:
     @classmethod
     def from_namespace(cls, a: argparse.Namespace, *, make_demo: bool = True,
                        argv: list[str] | None = None) -> ServerArgs:
+        plan = _apply_plan(a) if a.plan else None
+        a.pool_mode = a.pool_mode or "monolithic"
         models, demo = _resolve_models(a, make_demo)
         dtype = _DTYPE_ALIASES.get(a.dtype, a.dtype)
         for flag, value, low in (("--port", a.port, 0), ("--max-running-requests",
@@ -138,7 +143,8 @@ class ServerArgs:
                             ("--kv-page-bytes", a.kv_page_bytes),
                             ("--context-length", a.context_length),
                             ("--max-queued-requests", a.max_queued_requests),
-                            ("--ffn-servers", a.ffn_servers)):
+                            ("--ffn-servers", a.ffn_servers),
+                            ("--pipeline-microbatches", a.pipeline_microbatches)):
             if value is not None and value < 1:
                 raise ServerArgsError(f"{flag}: must be >= 1, got {value}")
         if a.kv_pages is not None and a.max_total_tokens is not None:
@@ -166,9 +172,35 @@ class ServerArgs:
             attention_backend=a.attention_backend, disable_cuda_graph=a.disable_cuda_graph,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
+            ffn_placement=plan, pipeline_microbatches=a.pipeline_microbatches,
             kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             skip_server_warmup=a.skip_server_warmup, default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
+
+
+def _apply_plan(a: argparse.Namespace) -> tuple | None:
+    """Fills unset options from a plan.json; returns its expert placement (crosspool)."""
+    from sglang_crosspool.planner.errors import PlanError
+    from sglang_crosspool.planner.schema import load_plan
+
+    try:
+        plan = load_plan(a.plan)
+    except PlanError as e:
+        raise ServerArgsError(f"--plan: {e}") from None
+    a.pool_mode = a.pool_mode or "crosspool"
+    mode = plan.mode(a.pool_mode)
+    if not (a.model_path or a.model or a.models_from_config):
+        a.model = [f"{name}={plan.model(name).path}" for name in mode.served]
+    if a.kv_page_bytes is None:
+        a.kv_page_bytes = plan.inputs.page_bytes
+    kv_devices = [d for d in mode.devices if d.index in mode.kv_devices]
+    if a.kv_pages is None and a.max_total_tokens is None and kv_devices:
+        a.kv_pages = int(kv_devices[0].kv_pages)
+    if a.pool_mode != "crosspool" or mode.placement is None:
+        return None
+    a.ffn_servers = len(mode.weights_devices)
+    table = mode.placement.table()
+    return tuple((name, tuple(tuple(e) for e in shares)) for name, shares in table.items())
 
 
 def kv_pages_for_tokens(config, tokens: int) -> int:
@@ -346,7 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="page size (default: 4 KiB on CPU, 2 MiB on CUDA)")
 
     g = p.add_argument_group("CrossPool")
-    g.add_argument("--pool-mode", default="monolithic", choices=POOL_MODES,
+    g.add_argument("--plan", metavar="FILE",
+                   help="a plan.json of `python -m sglang_crosspool.plan`: its models (unless "
+                        "given here), FFN servers, expert placement and KV pages for the pool "
+                        "mode (crosspool unless --pool-mode says otherwise)")
+    g.add_argument("--pipeline-microbatches", type=int, default=1,
+                   help="micro-batches in flight per step in the layer-wise pipeline "
+                        "(default: 1, no pipelining)")
+    g.add_argument("--pool-mode", default=None, choices=POOL_MODES,
                    help="static: a fixed KV slice per model; monolithic: one elastic KV pool "
                         "shared by the models, FFNs next to attention; crosspool: FFN/expert "
                         "weights in a separate weights pool (see --ffn-servers)")

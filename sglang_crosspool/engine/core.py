@@ -32,7 +32,7 @@ from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprob
 from sglang_crosspool.engine.sampling_params import InvalidRequest
 from sglang_crosspool.ffn.executor import FFNExecutor
 from sglang_crosspool.ffn.factory import make_ffn_executor
-from sglang_crosspool.transport.links import FFNServerError
+from sglang_crosspool.transport.errors import FFNServerError
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import make_backend
 from sglang_crosspool.models.checkpoint import CheckpointFiles

@@ -11,21 +11,22 @@ import torch
 
 from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
+from sglang_crosspool.ffn.placement import balanced_placement
 from sglang_crosspool.models.checkpoint import CheckpointFiles
 from sglang_crosspool.models.registry import get_architecture
 
 
 def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
-    from sglang_crosspool.ffn.remote import (
-        FFNServerPool,
-        PoolSpec,
-        RemoteFFNExecutor,
-        balanced_placement,
-    )
-
     servers = config.ffn_servers if config.pool_mode == "crosspool" else 1
-    placement = balanced_placement({m.name: m.spec.num_experts for m in config.models}, servers)
+    if config.pool_mode == "crosspool" and config.ffn_placement is not None:
+        placement = {name: [list(e) for e in shares] for name, shares in config.ffn_placement}
+    else:
+        placement = balanced_placement({m.name: m.spec.num_experts for m in config.models},
+                                       servers)
     if config.pool_mode == "crosspool" and config.ffn_transport != "local":
+        # Imported here: ZeroMQ is needed only when FFN servers are processes.
+        from sglang_crosspool.ffn.remote import FFNServerPool, PoolSpec, RemoteFFNExecutor
+
         spec = PoolSpec(
             models={m.name: m.path for m in config.models}, placement=placement,
             device=config.ffn_device, dtype=config.dtype, transport=config.ffn_transport,

@@ -28,19 +28,6 @@ from sglang_crosspool.transport.links import DistLink, FFNServerError, ShmLink
 from sglang_crosspool.transport.shm import ShmLayout
 
 
-def balanced_placement(num_experts: dict[str, int], servers: int) -> dict[str, list[list[int]]]:
-    """model -> per server, the expert ids it owns. Experts of one model are equal in size,
-    so dealing them round-robin, continuing across models, balances bytes and load."""
-    placement, turn = {}, 0
-    for model, count in num_experts.items():
-        shares: list[list[int]] = [[] for _ in range(servers)]
-        for expert in range(count):
-            shares[turn % servers].append(expert)
-            turn += 1
-        placement[model] = shares
-    return placement
-
-
 @dataclass(frozen=True)
 class PoolSpec:
     models: dict  # served name -> checkpoint path

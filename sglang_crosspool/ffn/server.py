@@ -91,8 +91,14 @@ def serve(spec: FFNServerSpec) -> None:
 
 
 def _loop(sock, endpoint, halves) -> None:
+    parent = os.getppid()
     with torch.inference_mode():
         while True:
+            if not sock.poll(1000):
+                if os.getppid() != parent:  # the attention worker died: nothing to serve
+                    log.error("parent process %d is gone; exiting", parent)
+                    return
+                continue
             msg = m.decode(sock.recv())
             if isinstance(msg, m.Shutdown):
                 return

@@ -13,11 +13,10 @@ import zmq
 
 from sglang_crosspool.models.common import Routing
 from sglang_crosspool.transport import messages as m
+from sglang_crosspool.transport.errors import FFNServerError
 from sglang_crosspool.transport.shm import ShmBuffers, ShmLayout
 
-
-class FFNServerError(RuntimeError):
-    """An FFN server died or failed a request; in-flight requests cannot complete."""
+__all__ = ["DistEndpoint", "DistLink", "FFNServerError", "ShmEndpoint", "ShmLink"]
 
 
 class _LinkBase:
@@ -31,7 +30,16 @@ class _LinkBase:
         self._pending: dict[int, int] = {}  # slot -> num tokens
 
     def _control(self, msg) -> None:
-        self.sock.send(m.encode(msg))
+        # NOTE: a PAIR socket blocks a send while its peer is gone; poll so a dead server is
+        # an error, not a hang.
+        while not self.sock.poll(self.POLL_MS, zmq.POLLOUT):
+            self._check_alive()
+        self.sock.send(m.encode(msg), zmq.NOBLOCK)
+
+    def _check_alive(self) -> None:
+        death = self.alive()
+        if death:
+            raise FFNServerError(f"FFN server {self.server_id} {death}")
 
     def _await_done(self, slot: int) -> None:
         while slot not in self._done:
@@ -41,9 +49,7 @@ class _LinkBase:
                     raise FFNServerError(f"FFN server {self.server_id} failed: {msg.message}")
                 self._done.add(msg.slot)
                 continue
-            death = self.alive()
-            if death:
-                raise FFNServerError(f"FFN server {self.server_id} {death}")
+            self._check_alive()
         self._done.discard(slot)
 
 
