@@ -89,7 +89,7 @@ def check(arch: str, size: str, layers: int, root: Path, gpu: str) -> dict:
     result["engine_fraction_of_roofline"] = (result["roofline_ms_per_token"]
                                              / result["engine_decode_ms_per_token_bs1_ctx1k"])
     engine.shutdown()
-    del hf
+    hf = None  # free the reference model before the next shape
     torch.cuda.empty_cache()
     return result
 

@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-
 from crosspool_scheduler import (
     Batch,
     GlobalScheduler,
@@ -23,6 +22,7 @@ from crosspool_scheduler import (
     SchedulerLimits,
     Timeline,
 )
+
 from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.engine.attention import get_attention_backend
 from sglang_crosspool.engine.forward_batch import ForwardBatch
@@ -32,13 +32,12 @@ from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprob
 from sglang_crosspool.engine.sampling_params import InvalidRequest
 from sglang_crosspool.ffn.executor import FFNExecutor
 from sglang_crosspool.ffn.factory import make_ffn_executor
-from sglang_crosspool.transport.errors import FFNServerError
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import make_backend
 from sglang_crosspool.models.checkpoint import CheckpointFiles
 from sglang_crosspool.models.registry import get_architecture
 from sglang_crosspool.tokenizer import IncrementalDetokenizer, load_tokenizer
-
+from sglang_crosspool.transport.errors import FFNServerError
 
 log = logging.getLogger("sglang_crosspool.engine")
 

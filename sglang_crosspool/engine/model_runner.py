@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from crosspool_scheduler.pipeline import ATTENTION, SUBMIT, Timeline, layer_pipeline
+
 from sglang_crosspool.engine.attention import AttentionBackend
 from sglang_crosspool.engine.forward_batch import ForwardBatch
 from sglang_crosspool.ffn.executor import FFNExecutor

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from crosspool_scheduler import SchedReq
+
 from sglang_crosspool.engine.sampler import SamplingState
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.tokenizer import IncrementalDetokenizer

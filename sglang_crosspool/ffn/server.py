@@ -14,8 +14,8 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
-import signal
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass
 

@@ -65,7 +65,6 @@ class ShmBuffers:
                 "ids": take(t * k * 8, torch.int64, t, k),
                 "weights": take(t * k * 4, torch.float32, t, k),
             })
-        del raw
 
     def write_input(self, slot: int, hidden: torch.Tensor, routing: Routing) -> None:
         s, n = self.slots[slot], hidden.shape[0]

@@ -8,8 +8,8 @@ import signal
 import time
 
 import pytest
-
 from crosspool_scheduler import layer_pipeline
+
 from sglang_crosspool import Engine
 from sglang_crosspool.engine.core import EngineUnavailable
 from sglang_crosspool.engine.request import EngineRequest
