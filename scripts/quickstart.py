@@ -44,7 +44,7 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "sglang_crosspool.launch", "--port", str(port)]
-    print("$", " ".join(cmd[1:]), flush=True)
+    print("$ python", " ".join(cmd[1:]), flush=True)
     server = subprocess.Popen(cmd)
     try:
         wait_healthy(base, server)
