@@ -2,8 +2,9 @@
 
 A backend stores the step's new K/V into the pool (at `slot_mapping`) and computes causal
 attention of each sequence's new queries over its whole context, read through its block table.
-`torch` is the reference (float32-exact against transformers' eager attention); Triton and
-FlashInfer backends register here with the GPU fast path.
+`torch` is the reference (float32-exact against transformers' eager attention); `triton` runs
+the kernels of `crosspool_kernels` (on CUDA, or on CPU under TRITON_INTERPRET=1); FlashInfer
+registers here with the GPU fast path.
 """
 
 from __future__ import annotations
@@ -60,7 +61,50 @@ class TorchAttention(AttentionBackend):
         return out.reshape(q.shape[0], -1)
 
 
-_BACKENDS = {"torch": TorchAttention}
+class TritonAttention(AttentionBackend):
+    """The Triton kernels of `crosspool_kernels`: store_kv, then decode attention when every
+    sequence brings one token, else the extend kernel (which also takes decode rows)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__(num_heads, num_kv_heads, head_dim)
+        from crosspool_kernels import KERNELS
+
+        self._store = KERNELS["store_kv"].triton
+        self._decode = KERNELS["decode_attention"].triton
+        self._extend = KERNELS["prefill_attention"].triton
+        if self._store is None:
+            raise ValueError("attention backend 'triton': triton is not installed")
+
+    def prepare(self, fb: ForwardBatch) -> None:
+        device = fb.input_ids.device
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        fb.attn_meta = {
+            "decode": all(n == 1 for n in fb.q_lens),
+            "q_starts": tensor(fb.q_starts),
+            "q_lens": tensor(fb.q_lens),
+            "ctx_lens": tensor(fb.ctx_lens),
+            "max_q_len": max(fb.q_lens),
+            "max_ctx_len": max(fb.ctx_lens),
+        }
+
+    def forward(self, q, k, v, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
+        meta = fb.attn_meta
+        self._store(k, v, k_cache, v_cache, fb.slot_mapping)
+        if meta["decode"]:
+            out = self._decode(q, k_cache, v_cache, fb.block_tables, meta["ctx_lens"],
+                               fb.block_tokens, sm_scale=self.scale,
+                               max_ctx_len=meta["max_ctx_len"])
+        else:
+            out = self._extend(q, k_cache, v_cache, fb.block_tables, meta["q_starts"],
+                               meta["q_lens"], meta["ctx_lens"], fb.block_tokens,
+                               sm_scale=self.scale, max_q_len=meta["max_q_len"])
+        return out.reshape(q.shape[0], -1)
+
+
+_BACKENDS = {"torch": TorchAttention, "triton": TritonAttention}
 
 
 def get_attention_backend(name: str) -> type[AttentionBackend]:
