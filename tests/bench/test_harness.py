@@ -2,7 +2,7 @@
 
 Four tiny models, a 40-request bursty trace clamped to their 512-token context (plus one
 request over that context, which the server must refuse with 400), time-scaled so each mode
-takes seconds, run on static, monolithic and crosspool (FFN servers over shm) with a KV budget
+takes seconds and replayed again at twice the rate (the load sweep), run on static, monolithic and crosspool (FFN servers over shm) with a KV budget
 small enough to force retractions. The assertions are about accounting, not speed: every request
 completed or recorded as an error, token counts equal to the server's own counters, k-1 gaps for
 k tokens, summaries consistent with the records, the KV timeline sampled, the plots written.
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     trace.write_trace(recs, root / "trace.jsonl")
     results = experiment.main([
         "--trace", str(root / "trace.jsonl"), "--tiny", "--modes", ",".join(MODES),
-        "--time-scale", "0.4", "--slo-ttft", "5", "--slo-tbt", "1",
+        "--time-scale", "0.4", "--loads", "1,2", "--slo-ttft", "5", "--slo-tbt", "1",
         "--poll-interval", "0.1", "--server-args", "--max-total-tokens 1024",
         "--mode-args", "crosspool=--ffn-servers 1 --ffn-transport shm",
         "--out", str(root / "out")])
@@ -117,4 +117,17 @@ def test_results_and_plots_written(run):
     for name in ("tbt_cdf.png", "kv_pages.png", "p99_tbt.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert len(results["plots"]) == 3
+    assert (out / "p99_tbt_vs_load.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(results["plots"]) == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_load_sweep(run, mode):
+    _, recs, results = run
+    sweep = results["load_sweep"][mode]
+    assert [p["load"] for p in sweep] == [1.0, 2.0]
+    assert sweep[0]["overall"] == results["runs"][mode]["overall"]
+    for p in sweep:
+        s = p["overall"]
+        assert s["sent"] == len(recs) and s["completed"] + s["errors"] == s["sent"]
+        assert s["completed"] == len(recs) - 1
