@@ -1,7 +1,8 @@
 """One command: the same trace on each pool mode in turn, a fresh server each, then plots.
 
-In: a JSONL trace (`benchmark.trace`), the models it names (`--model NAME=PATH`, or `--tiny` to
-make a tiny random checkpoint per model name, architectures taken in turn), the pool modes, and
+In: a JSONL trace (`benchmark.trace`), the models it names (`--model NAME=PATH`; `--checkpoints
+DIR` to hand the checkpoint folders under DIR to the names in turn; or `--tiny` to make a tiny
+random checkpoint per model name, architectures taken in turn), the pool modes, and
 launch flags shared by all modes (`--server-args`) or for one mode (`--mode-args MODE=FLAGS`).
 Out, under `--out`: `results.json` (the command, and per mode the runner's result: records, KV
 timeline, summaries, server exit code and log), `server-MODE.log`, and the PNG plots of
@@ -34,6 +35,15 @@ def tiny_models(names: list[str], folder: Path) -> dict[str, str]:
     from sglang_crosspool.testing.checkpoints import make_model
     return {n: str(make_model(folder / n, TINY_ARCHS[i % len(TINY_ARCHS)], seed=i))
             for i, n in enumerate(names)}
+
+
+def from_folder(names: list[str], folder: Path) -> dict[str, str]:
+    """Trace model names (sorted) onto the checkpoint folders under `folder` (sorted), taken in
+    turn: 32 served models can share 4 checkpoints, each name still a model of its own."""
+    dirs = sorted(str(d) for d in folder.iterdir() if (d / "config.json").exists())
+    if not dirs:
+        raise SystemExit(f"no checkpoint (config.json) under {folder}")
+    return {n: dirs[i % len(dirs)] for i, n in enumerate(sorted(names))}
 
 
 def parse_models(specs: list[str]) -> dict[str, str]:
@@ -94,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", type=Path, required=True)
     p.add_argument("--model", action="append", default=[], help="NAME=PATH; repeatable")
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoints (CPU runs)")
+    p.add_argument("--checkpoints", type=Path,
+                   help="folder of checkpoints handed out to the trace's models in turn")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--server-args", default="", help="launch flags for every mode")
     p.add_argument("--mode-args", action="append", default=[], help="MODE=FLAGS; repeatable")
@@ -117,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     names = sorted({r["model"] for r in read_trace(a.trace)})
     models = parse_models(a.model)
+    if a.checkpoints:
+        models = {**from_folder([n for n in names if n not in models], a.checkpoints), **models}
     if a.tiny:
         models = {**tiny_models([n for n in names if n not in models], a.out / "models"),
                   **models}

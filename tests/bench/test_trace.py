@@ -60,3 +60,14 @@ def test_prompt_ids_deterministic():
     assert a == b and len(a) == 100
     assert all(trace.FIRST_ID <= i < 1024 for i in a)
     assert a != trace.prompt_ids({"prompt_seed": 43, "prompt_len": 100}, 1024)
+
+
+def test_checkpoints_handed_out_in_turn(tmp_path):
+    from benchmark.experiment import from_folder
+    for d in ("b", "a", "c"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "config.json").write_text("{}")
+    (tmp_path / "not-a-model").mkdir()
+    got = from_folder(["m03", "m00", "m01", "m02"], tmp_path)
+    assert got == {"m00": str(tmp_path / "a"), "m01": str(tmp_path / "b"),
+                   "m02": str(tmp_path / "c"), "m03": str(tmp_path / "a")}
