@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import traceback
 
 import zmq
@@ -56,7 +57,10 @@ def run_scheduler_process(engine_config, in_path: str, out_path: str, warmup: bo
     logging.basicConfig(level=log_level.upper(),
                         format="[%(asctime)s scheduler] %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when to stop
+    # SIGTERM unwinds normally, so the core stops its FFN servers and frees shared memory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     transport = ZmqTransport(in_path, out_path)
+    core = None
     try:
         from sglang_crosspool.engine.core import EngineCore
 
@@ -68,8 +72,11 @@ def run_scheduler_process(engine_config, in_path: str, out_path: str, warmup: bo
         logger.info("scheduler ready: %s", ", ".join(engine_config.model_names))
         loop.run(keep_going=lambda: os.getppid() == parent_pid)
         logger.info("scheduler: the server process is gone; exiting")
+        core.shutdown()
     except BaseException as e:  # noqa: BLE001 - report anything, then go down
-        if not isinstance(e, KeyboardInterrupt):
+        if core is not None:
+            core.shutdown()
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             msg = "".join(traceback.format_exception(e))
             logger.error("scheduler failed:\n%s", msg)
             try:
