@@ -11,7 +11,7 @@ if [ ! -f "$stamp" ]; then
     echo "setting up $venv (first run: a couple of minutes)" >&2
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-    "${pip[@]}" -c "$root/constraints-cpu.txt" -e "$root[test,triton]" \
+    "${pip[@]}" -c "$root/constraints-cpu.txt" -e "$root[test,triton,bench]" \
         -r "$root/requirements-server.txt"
     # sglang is only a test client (frontend language, bench_serving); its own dependencies
     # (a CUDA torch, GPU kernels) are neither needed nor installable here.
