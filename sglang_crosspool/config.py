@@ -13,6 +13,7 @@ import torch
 
 from sglang_crosspool.models.config import ModelSpec
 from sglang_crosspool.models.registry import resolve
+from sglang_crosspool.options import FFN_TRANSPORTS, POOL_MODES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -112,8 +113,6 @@ class EngineConfig:
                    pipeline_microbatches, _placement(ffn_placement, names, ffn_servers))
 
 
-POOL_MODES = ("static", "monolithic", "crosspool")
-FFN_TRANSPORTS = ("local", "shm", "dist")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

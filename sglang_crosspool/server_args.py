@@ -21,12 +21,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-POOL_MODES = ("static", "monolithic", "crosspool")  # as EngineConfig takes them
-FFN_TRANSPORTS = ("local", "shm", "dist")
+from sglang_crosspool.options import DEFAULT_PAGE_BYTES, FFN_TRANSPORTS, POOL_MODES
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16"}
-DEFAULT_PAGE_BYTES = {"cpu": 4096, "cuda": 2 << 20}  # as the page backend picks them
 
 
 class ServerArgsError(ValueError):

@@ -121,6 +121,7 @@ class EngineCore:
         self.logits_observer = None
         self.last_timeline: Timeline | None = None
         self.pipeline_totals = {"steps": 0, "wall_s": 0.0, "wait_s": 0.0}
+        self.eos_ids = {m.name: frozenset(m.spec.eos_token_ids) for m in self.config.models}
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -285,7 +286,7 @@ class EngineCore:
         if state.first_token_time is None:
             state.first_token_time = time.monotonic()
         params = state.req.params
-        eos = self.config.model(state.req.model).spec.eos_token_ids
+        eos = self.eos_ids[state.req.model]
         previous = len(state.detok.text)
         state.detok.add([token])
         state.text = state.detok.text

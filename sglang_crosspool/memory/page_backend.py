@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sglang_crosspool.options import DEFAULT_PAGE_BYTES
+
 
 class PagingError(RuntimeError):
     """A mapping request that breaks the backend's contract (a bug, never a full pool)."""
@@ -123,9 +125,6 @@ class SimulatedPageBackend(PageBackend):
     def _poison(self, vrange: VirtualRange, index: int) -> None:
         start = index * self.page_bytes
         vrange.data[start : start + self.page_bytes].fill_(self.POISON)
-
-
-DEFAULT_PAGE_BYTES = {"cpu": 4096, "cuda": 2 << 20}  # CUDA: the VMM granularity
 
 
 def make_backend(device: torch.device, page_bytes: int | None) -> PageBackend:

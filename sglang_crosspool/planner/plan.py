@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sglang_crosspool.models.config import CheckpointError, load_spec, read_json
+from sglang_crosspool.options import DEFAULT_PAGE_BYTES as PAGE_BYTES
 from sglang_crosspool.planner.crosspool import crosspool_mode
 from sglang_crosspool.planner.errors import PlanError
 from sglang_crosspool.planner.figure import Figure, num, size
@@ -25,7 +26,7 @@ from sglang_crosspool.planner.weights import (
     model_weights,
 )
 
-DEFAULT_PAGE_BYTES = 2 << 20  # the CUDA VMM granularity
+DEFAULT_PAGE_BYTES = PAGE_BYTES["cuda"]  # the planner plans GPUs
 DEFAULT_MEM_FRACTION = 0.9  # like SGLang's mem_fraction_static: the rest is for activations
 DEFAULT_MAX_RUNNING = 4
 
