@@ -1,7 +1,7 @@
 """Engine configuration: built once from user options, frozen, shared read-only by every part.
 
-Derived values (context length per model, KV budget in pages) are computed here, in `build`,
-and nowhere else.
+Derived values (context length per model, KV budget in pages, KV page reserve) are computed
+here, in `build`, and nowhere else.
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ import torch
 
 from sglang_crosspool.models.config import ModelSpec
 from sglang_crosspool.models.registry import resolve
-from sglang_crosspool.options import FFN_TRANSPORTS, POOL_MODES
+from sglang_crosspool.options import (
+    ATTENTION_BACKENDS,
+    FFN_TRANSPORTS,
+    KV_PAGE_BACKENDS,
+    POOL_MODES,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RESERVE_BLOCKS = 2  # default KV page reserve on CUDA, in blocks of the largest model
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,18 @@ class EngineConfig:
     random_seed: int
     pool_mode: str  # static | monolithic | crosspool
     ffn_servers: int  # crosspool: processes in the weights pool
-    ffn_transport: str  # crosspool: local | shm | dist
+    ffn_transport: str  # crosspool: local | shm | cuda-ipc | dist | nccl
     ffn_device: str  # crosspool: where FFN servers put their weights
-    dist_backend: str  # for ffn_transport="dist": gloo (CPU) or nccl (GPU)
+    dist_backend: str  # ffn_transport="dist": gloo (CPU) or nccl (GPU); "nccl": always nccl
     pipeline_microbatches: int  # micro-batches in flight per step (layer-wise pipeline)
     ffn_placement: tuple | None  # ((model, ((expert ids of server 0), ...)), ...) or None
+    # Decode as CUDA graphs (CUDA only, FFN in process): buckets up to cuda_graph_max_bs,
+    # captured at start-up while their memory stays within cuda_graph_memory_bytes.
+    cuda_graph: bool = True
+    cuda_graph_max_bs: int = 32
+    cuda_graph_memory_bytes: int = 4 << 30
+    kv_page_backend: str = "auto"  # auto | vmm | simulated (memory/page_backend.make_backend)
+    kv_reserve_pages: int = 0  # created KV pages kept unmapped, so new blocks skip creation
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -73,7 +86,7 @@ class EngineConfig:
         kv_page_bytes: int | None = None,
         kv_pages: int | None = None,
         kv_budget_bytes: int = 256 << 20,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
         random_seed: int = 0,
         pool_mode: str = "monolithic",
         ffn_servers: int = 1,
@@ -82,6 +95,11 @@ class EngineConfig:
         dist_backend: str | None = None,
         pipeline_microbatches: int = 1,
         ffn_placement=None,
+        disable_cuda_graph: bool = False,
+        cuda_graph_max_bs: int = 32,
+        cuda_graph_memory_bytes: int = 4 << 30,
+        kv_page_backend: str = "auto",
+        kv_reserve_pages: int | None = None,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -102,22 +120,81 @@ class EngineConfig:
                 raise ValueError(f"{key}: must be >= 1, got {value}")
         _choice("pool_mode", pool_mode, POOL_MODES)
         _choice("ffn_transport", ffn_transport, FFN_TRANSPORTS)
+        _choice("kv_page_backend", kv_page_backend, KV_PAGE_BACKENDS)
+        _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
+        attention_backend = _attention_backend(attention_backend, device, dtype, entries)
         for key, value in (("ffn_servers", ffn_servers),
-                           ("pipeline_microbatches", pipeline_microbatches)):
+                           ("pipeline_microbatches", pipeline_microbatches),
+                           ("cuda_graph_max_bs", cuda_graph_max_bs)):
             if value < 1:
                 raise ValueError(f"{key}: must be >= 1, got {value}")
-        dist_backend = dist_backend or ("gloo" if device == "cpu" else "nccl")
+        ffn_device = ffn_device or device
+        dist_backend = _ffn_link(pool_mode, ffn_transport, device, ffn_device, dist_backend)
         return cls(tuple(entries), device, dtype, max_running_requests, chunked_prefill_size,
                    kv_page_bytes, kv_pages, kv_budget_bytes, attention_backend, random_seed,
                    pool_mode, ffn_servers, ffn_transport, ffn_device or device, dist_backend,
-                   pipeline_microbatches, _placement(ffn_placement, names, ffn_servers))
+                   pipeline_microbatches, _placement(ffn_placement, names, ffn_servers),
+                   cuda_graph=not disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
+                   cuda_graph_memory_bytes=cuda_graph_memory_bytes,
+                   kv_page_backend=kv_page_backend,
+                   kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries))
 
 
+
+
+def _ffn_link(pool_mode: str, transport: str, device: str, ffn_device: str,
+              backend: str | None) -> str:
+    """The torch.distributed backend, after refusing FFN links that cannot work on these
+    devices (here, before any FFN server process starts)."""
+    if transport == "nccl":
+        if backend not in (None, "nccl"):
+            raise ValueError(f"dist_backend: {backend!r} contradicts ffn_transport 'nccl'")
+        backend = "nccl"
+    backend = backend or ("gloo" if device == "cpu" else "nccl")
+    if pool_mode != "crosspool":
+        return backend
+    where = f"device={device!r}, ffn_device={ffn_device!r}"
+    attn, ffn = torch.device(device), torch.device(ffn_device)
+    on_cpu = attn.type != "cuda" or ffn.type != "cuda"
+    if transport == "cuda-ipc" and on_cpu:
+        raise ValueError(f"ffn_transport: 'cuda-ipc' shares CUDA memory between processes and "
+                         f"needs CUDA devices on both sides ({where}); on CPU use 'shm'")
+    if transport in ("dist", "nccl") and backend == "nccl":
+        if on_cpu:
+            raise ValueError(f"ffn_transport: NCCL needs CUDA devices on both sides ({where}); "
+                             f"on CPU use ffn_transport='dist' (gloo)")
+        if (attn.index or 0) == (ffn.index or 0):
+            raise ValueError(f"ffn_transport: NCCL cannot join two processes on one GPU "
+                             f"({where}); put the FFN servers on another GPU "
+                             f"(ffn_device='cuda:1') or use 'cuda-ipc'")
+    return backend
+
+
+def _attention_backend(name: str, device: str, dtype: str, entries: list[ModelEntry]) -> str:
+    """`auto` resolved for the device, dtype and head sizes: the config holds what runs."""
+    from sglang_crosspool.engine.attention import resolve_attention_backend
+
+    return resolve_attention_backend(name, device, DTYPES[dtype],
+                                     [entry.spec.head_dim for entry in entries])
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _reserve_pages(pages: int | None, device: str, entries: list[ModelEntry]) -> int:
+    """The KV page reserve. Default: none off CUDA (a simulated page costs nothing to create);
+    on CUDA, RESERVE_BLOCKS blocks of the served model with the most layers (a block is 2
+    pages a layer), so that a few new blocks map without cuMemCreate. The pool caps it at the
+    budget, which it is part of."""
+    if pages is not None:
+        if pages < 0:
+            raise ValueError(f"kv_reserve_pages: must be >= 0, got {pages}")
+        return pages
+    if torch.device(device).type != "cuda":
+        return 0
+    return RESERVE_BLOCKS * max(2 * entry.spec.num_layers for entry in entries)
 
 
 def _served_names(paths: list, names) -> list[str]:

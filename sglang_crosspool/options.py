@@ -1,6 +1,9 @@
 """Option values shared by the engine config, the launcher and the planner (no torch import)."""
 
 POOL_MODES = ("static", "monolithic", "crosspool")
-FFN_TRANSPORTS = ("local", "shm", "dist")
+FFN_TRANSPORTS = ("local", "shm", "cuda-ipc", "dist", "nccl")
+KV_PAGE_BACKENDS = ("auto", "vmm", "simulated")  # auto: CUDA VMM where supported
+# auto: torch on CPU; on CUDA flashinfer where it imports, else triton (engine/attention.py)
+ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "torch")
 # KV page size per device type; CUDA: the VMM granularity.
 DEFAULT_PAGE_BYTES = {"cpu": 4096, "cuda": 2 << 20}

@@ -21,7 +21,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sglang_crosspool.options import DEFAULT_PAGE_BYTES, FFN_TRANSPORTS, POOL_MODES
+from sglang_crosspool.options import (
+    ATTENTION_BACKENDS,
+    DEFAULT_PAGE_BYTES,
+    FFN_TRANSPORTS,
+    KV_PAGE_BACKENDS,
+    POOL_MODES,
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16")
@@ -55,7 +61,7 @@ class ServerArgs:
     chunked_prefill_size: int = 512
     mem_fraction_static: float | None = None
     random_seed: int = 0
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # resolved by EngineConfig.build
     disable_cuda_graph: bool = False
     cuda_graph_max_bs_decode: int | None = None
     pool_mode: str = "monolithic"
@@ -66,6 +72,8 @@ class ServerArgs:
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
     kv_budget_bytes: int = 256 << 20
+    kv_page_backend: str = "auto"
+    kv_reserve_pages: int | None = None  # None: the engine config's default
     skip_server_warmup: bool = False
     default_model: str | None = None
     ipc_dir: str = ""  # a fresh folder per server: the ZeroMQ socket files live here
@@ -105,7 +113,10 @@ class ServerArgs:
             kv_budget_bytes=self.kv_budget_bytes, attention_backend=self.attention_backend,
             random_seed=self.random_seed, pool_mode=self.pool_mode,
             ffn_servers=self.ffn_servers, ffn_transport=self.ffn_transport,
-            ffn_placement=self.ffn_placement, pipeline_microbatches=self.pipeline_microbatches)
+            ffn_placement=self.ffn_placement, pipeline_microbatches=self.pipeline_microbatches,
+            disable_cuda_graph=self.disable_cuda_graph,
+            cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
+            kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -146,6 +157,8 @@ class ServerArgs:
                             ("--pipeline-microbatches", a.pipeline_microbatches)):
             if value is not None and value < 1:
                 raise ServerArgsError(f"{flag}: must be >= 1, got {value}")
+        if a.kv_reserve_pages is not None and a.kv_reserve_pages < 0:
+            raise ServerArgsError(f"--kv-reserve-pages: must be >= 0, got {a.kv_reserve_pages}")
         if a.kv_pages is not None and a.max_total_tokens is not None:
             raise ServerArgsError("--kv-pages and --max-total-tokens both set the KV budget; "
                                   "give one")
@@ -173,6 +186,7 @@ class ServerArgs:
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
             ffn_placement=plan, pipeline_microbatches=a.pipeline_microbatches,
             kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
+            kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
             skip_server_warmup=a.skip_server_warmup, default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
 
@@ -355,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--random-seed", type=int, default=0,
                    help="seed of the sampler for requests without their own seed")
-    g.add_argument("--attention-backend", default="torch", help="attention kernels")
+    g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="attention kernels; auto: torch on CPU, on CUDA flashinfer where it "
+                        "imports, else triton")
 
     g = p.add_argument_group("scheduling")
     g.add_argument("--max-running-requests", type=int, default=64,
@@ -375,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-pages", type=int, help="KV budget in physical pages (CrossPool)")
     g.add_argument("--kv-page-bytes", type=int,
                    help="page size (default: 4 KiB on CPU, 2 MiB on CUDA)")
+    g.add_argument("--kv-page-backend", default="auto", choices=KV_PAGE_BACKENDS,
+                   help="how KV pages are mapped: vmm (CUDA virtual memory: only mapped pages "
+                        "use memory), simulated (each model's whole KV range allocated up "
+                        "front), auto (vmm where the device and cuda-python allow it)")
+    g.add_argument("--kv-reserve-pages", type=int,
+                   help="KV pages created ahead and kept unmapped, so new blocks map without "
+                        "creating memory; part of the KV budget (default: none on CPU, two "
+                        "blocks of the model with the most layers on CUDA)")
 
     g = p.add_argument_group("CrossPool")
     g.add_argument("--plan", metavar="FILE",
@@ -394,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crosspool: how hidden states reach the FFN servers (local: in this "
                         "process; shm / dist: separate FFN server processes)")
 
-    g = p.add_argument_group("CUDA graphs (accepted now, honoured when graphs land)")
+    g = p.add_argument_group("CUDA graphs (on CUDA; FFN in process)")
     g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
     g.add_argument("--cuda-graph-max-bs-decode", type=int, metavar="N",
-                   help="largest decode batch captured in a graph")
+                   help="largest decode batch captured in a graph (default: 32)")
     g.add_argument("--cuda-graph-max-bs", type=int, metavar="N",
                    help="older spelling of --cuda-graph-max-bs-decode")
     return p

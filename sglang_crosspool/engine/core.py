@@ -25,12 +25,13 @@ from crosspool_scheduler import (
 
 from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.engine.attention import get_attention_backend
-from sglang_crosspool.engine.forward_batch import ForwardBatch
+from sglang_crosspool.engine.cuda_graph import DecodeGraphs, graph_buckets
+from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
 from sglang_crosspool.engine.model_runner import MicroBatch, ModelRunner, forward_pipelined
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprobs
 from sglang_crosspool.engine.sampling_params import InvalidRequest
-from sglang_crosspool.ffn.executor import FFNExecutor
+from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
 from sglang_crosspool.ffn.factory import make_ffn_executor
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import make_backend
@@ -68,6 +69,7 @@ class EngineCore:
         self._init_models(ffn)
         self._init_kv_pool()
         self._init_runners()
+        self._init_graphs()
         self._init_scheduler()
 
     # -- start-up -----------------------------------------------------------------------------
@@ -86,9 +88,9 @@ class EngineCore:
 
     def _init_kv_pool(self) -> None:
         cfg = self.config
-        backend = make_backend(self.device, cfg.kv_page_bytes)
+        backend = make_backend(self.device, cfg.kv_page_bytes, cfg.kv_page_backend)
         pages = cfg.kv_pages or max(1, cfg.kv_budget_bytes // backend.page_bytes)
-        self.kv_pool = KVPool(backend, pages)
+        self.kv_pool = KVPool(backend, pages, reserve_pages=cfg.kv_reserve_pages)
         for entry in cfg.models:
             s = entry.spec
             self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
@@ -105,10 +107,36 @@ class EngineCore:
         self.runners = {}
         for entry in self.config.models:
             s = entry.spec
-            backend = backend_cls(s.num_heads, s.num_kv_heads, s.head_dim)
+            backend = backend_cls(s.num_heads, s.num_kv_heads, s.head_dim,
+                                  self.config.torch_dtype)
             self.runners[entry.name] = ModelRunner(
                 entry.name, self.attention[entry.name], self.kv_pool.models[entry.name],
                 backend, self.ffn)
+
+    def _init_graphs(self) -> None:
+        """Captures each model's decode step per batch-size bucket (CUDA, FFN in process)."""
+        cfg = self.config
+        self.graphs: dict[str, DecodeGraphs] = {}
+        if not cfg.cuda_graph or self.device.type != "cuda":
+            return
+        if not isinstance(self.ffn, LocalFFNExecutor):
+            log.info("FFN servers are processes: decode steps run eagerly, without CUDA graphs")
+            return
+        pool = torch.cuda.graph_pool_handle()
+        buckets = graph_buckets(min(cfg.cuda_graph_max_bs, cfg.max_running_requests))
+        budget = cfg.cuda_graph_memory_bytes
+        for entry in cfg.models:
+            runner = self.runners[entry.name]
+            if not runner.backend.supports_graphs:
+                log.info("%s: attention backend %s has no CUDA-graph support; decode is eager",
+                         entry.name, cfg.attention_backend)
+                continue
+            max_blocks = -(-entry.context_length // self.kv_pool.block_tokens(entry.name))
+            spent = sum(g.memory_bytes for g in self.graphs.values())
+            self.graphs[entry.name] = DecodeGraphs(runner, self.kv_pool, buckets, max_blocks,
+                                                   pool=pool, memory_budget=budget - spent)
+            log.info("%s: decode graphs for batch sizes %s", entry.name,
+                     self.graphs[entry.name].stats()["buckets"])
 
     def _init_scheduler(self) -> None:
         limits = SchedulerLimits(self.config.max_running_requests,
@@ -203,17 +231,19 @@ class EngineCore:
         batches = _split(self.scheduler.schedule_many(depth), depth)
         if not batches:
             return []
-        mbs, plans = [], []
+        lists, rows, plans = [], [], []
         for batch in batches:
-            fb = ForwardBatch.build(batch, self.kv_pool.block_tokens(batch.model), self.device)
-            rows, batch_plans = self._plan_rows(batch, fb)
-            rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            mbs.append(MicroBatch(self.runners[batch.model], fb, rows_t))
+            step = StepLists.from_batch(batch, self.kv_pool.block_tokens(batch.model))
+            batch_rows, batch_plans = self._plan_rows(batch, step.q_starts)
+            lists.append(step)
+            rows.append(batch_rows)
             plans.append(batch_plans)
         try:
-            if len(mbs) == 1:
-                logits = [mbs[0].runner.forward(mbs[0].fb, mbs[0].rows)]
+            if len(batches) == 1:
+                logits = [self._forward_one(batches[0].model, lists[0], rows[0])]
             else:
+                mbs = [MicroBatch(self.runners[b.model], self._forward_batch(b.model, step),
+                                  self._rows_tensor(r)) for b, step, r in zip(batches, lists, rows)]
                 timeline = Timeline()
                 logits = forward_pipelined(mbs, timeline)
                 self._record_pipeline(timeline)
@@ -225,6 +255,19 @@ class EngineCore:
             done += [p.state for p in batch_plans if self._postprocess(p, batch_logits)]
         return done
 
+    def _forward_one(self, model: str, step: StepLists, rows: list[int]) -> torch.Tensor:
+        graphs = self.graphs.get(model)
+        if graphs is not None and graphs.fits(step):
+            return graphs.run(step, rows)
+        fb = self._forward_batch(model, step)
+        return self.runners[model].forward(fb, self._rows_tensor(rows))
+
+    def _forward_batch(self, model: str, step: StepLists) -> ForwardBatch:
+        return ForwardBatch.from_lists(step, self.kv_pool.block_tokens(model), self.device)
+
+    def _rows_tensor(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
     def _record_pipeline(self, timeline: Timeline) -> None:
         self.last_timeline = timeline
         totals = self.pipeline_totals
@@ -232,10 +275,10 @@ class EngineCore:
         totals["wall_s"] += timeline.wall
         totals["wait_s"] += timeline.total("wait")
 
-    def _plan_rows(self, batch: Batch, fb: ForwardBatch) -> tuple[list[int], list[_SeqPlan]]:
+    def _plan_rows(self, batch: Batch, q_starts: list[int]) -> tuple[list[int], list[_SeqPlan]]:
         rows: list[int] = []
         plans = []
-        for seq, offset in zip(batch.seqs, fb.q_starts):
+        for seq, offset in zip(batch.seqs, q_starts):
             state = self.states[seq.req.rid]
             plan = _SeqPlan(state, [], [], None, False)
             if state.req.return_logprob:
@@ -327,6 +370,7 @@ class EngineCore:
             "ffn_bytes_here": self.ffn.local_bytes(),
             "ffn_bytes_per_server": self.ffn.server_bytes(),
             "unavailable": self.unavailable,
+            "cuda_graphs": {name: g.stats() for name, g in self.graphs.items()},
             "pipeline": dict(self.pipeline_totals, bubble_fraction=(
                 self.pipeline_totals["wait_s"] / self.pipeline_totals["wall_s"]
                 if self.pipeline_totals["wall_s"] else 0.0)),

@@ -38,11 +38,16 @@ class ModelRunner:
     def forward(self, fb: ForwardBatch, rows: torch.Tensor) -> torch.Tensor:
         """Runs every layer over the batch; returns float32 logits of the hidden `rows`."""
         self.backend.prepare(fb)
+        return self.model.logits(self.layers(fb)[rows])
+
+    def layers(self, fb: ForwardBatch) -> torch.Tensor:
+        """Embedding and every layer over a prepared batch; returns the hidden states. This is
+        also what a decode CUDA graph captures (no host synchronisation inside)."""
         x = self.model.embed_tokens(fb.input_ids)
         for i in range(self.num_layers):
             x, h, routing = self.model.attention_block(i, x, fb, self._attend)
             x = x + self.ffn.forward(self.name, i, h, routing)
-        return self.model.logits(x[rows])
+        return x
 
     def _attend(self, i: int, q, k, v, fb: ForwardBatch) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.kv.k[i], self.kv.v[i], fb)

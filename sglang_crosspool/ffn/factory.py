@@ -2,7 +2,8 @@
 
 - `static`, `monolithic`: every model's whole FFN in this process (next to attention).
 - `crosspool` + `local`: the weights pool's expert placement, as in-process FFN servers.
-- `crosspool` + `shm` / `dist`: FFN server processes (the attention side loads no FFN bytes).
+- `crosspool` + `shm` / `cuda-ipc` / `dist` / `nccl`: FFN server processes (the attention side
+  loads no FFN bytes).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
             max_tokens=config.chunked_prefill_size,
             hidden=max(m.spec.hidden_size for m in config.models),
             max_top_k=max(m.spec.top_k for m in config.models), dist_backend=config.dist_backend,
-            slots=max(2, config.pipeline_microbatches))
+            slots=max(2, config.pipeline_microbatches), attention_device=config.device)
         return RemoteFFNExecutor(FFNServerPool(spec))
     device = torch.device(config.ffn_device)
     halves = {}

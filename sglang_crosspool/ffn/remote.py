@@ -24,7 +24,8 @@ from sglang_crosspool.ffn.executor import FFNExecutor
 from sglang_crosspool.ffn.server import FFNServerSpec
 from sglang_crosspool.models.common import Routing
 from sglang_crosspool.transport import messages as m
-from sglang_crosspool.transport.links import DistLink, FFNServerError, ShmLink
+from sglang_crosspool.transport.cuda_ipc import IpcLayout
+from sglang_crosspool.transport.links import CudaIpcLink, DistLink, FFNServerError, ShmLink
 from sglang_crosspool.transport.shm import ShmLayout
 
 
@@ -32,15 +33,17 @@ from sglang_crosspool.transport.shm import ShmLayout
 class PoolSpec:
     models: dict  # served name -> checkpoint path
     placement: dict  # name -> per server, expert ids
-    device: str
+    device: str  # of the FFN servers
     dtype: str
-    transport: str  # "shm" | "dist"
+    transport: str  # "shm" | "cuda-ipc" | "dist" | "nccl"
     max_tokens: int  # per micro-batch
     hidden: int  # largest hidden size over the models
     max_top_k: int
     slots: int = 2  # micro-batches in flight at once
-    dist_backend: str = "gloo"
+    dist_backend: str = "gloo"  # "dist"; "nccl" always uses nccl
     start_timeout_s: float = 300.0
+    attention_device: str = "cpu"  # of this process: where outputs land
+    echo: dict | None = None  # benchmarks: servers hold no model, FFN(h) = h (name -> hidden)
 
     @property
     def servers(self) -> int:
@@ -56,7 +59,8 @@ class FFNServerPool:
         self.procs: list[subprocess.Popen] = []
         self.links = []
         self.ready: list[m.Ready] = []
-        self._dist = spec.transport == "dist"
+        self._dist = spec.transport in ("dist", "nccl")
+        self._backend = "nccl" if spec.transport == "nccl" else spec.dist_backend
         try:
             self._start()
         except BaseException:
@@ -73,30 +77,38 @@ class FFNServerPool:
             addr = f"ipc://{self._dir}/ffn{i}.sock"
             sock.bind(addr)
             socks.append(sock)
-            layout = ShmLayout(f"cp{self.uid}-{i}", spec.slots, spec.max_tokens, spec.hidden,
-                               spec.max_top_k, spec.dtype)
+            shm = ShmLayout(f"cp{self.uid}-{i}", spec.slots, spec.max_tokens, spec.hidden,
+                            spec.max_top_k, spec.dtype)
+            ipc = IpcLayout(spec.slots, spec.max_tokens, spec.hidden, spec.max_top_k, spec.dtype)
             server = FFNServerSpec(
                 server_id=i, models=spec.models,
                 experts={name: shares[i] for name, shares in spec.placement.items()},
                 with_shared=i == 0, device=spec.device, dtype=spec.dtype, control_addr=addr,
                 transport=spec.transport,
-                shm=vars(layout) if not self._dist else None,
-                dist={"backend": spec.dist_backend, "init_method": init_method,
-                      "world_size": world} if self._dist else None)
-            alive = self._alive_check(i)
-            if self._dist:
-                link = DistLink(sock, i, alive, getattr(torch, spec.dtype))
-            else:
-                link = ShmLink(sock, i, alive, layout)  # creates the segment before the child
-            self.links.append(link)
+                shm=vars(shm) if spec.transport == "shm" else None,
+                ipc=vars(ipc) if spec.transport == "cuda-ipc" else None,
+                dist={"backend": self._backend, "init_method": init_method,
+                      "world_size": world} if self._dist else None,
+                echo=spec.echo)
+            self.links.append(self._link(sock, i, shm, ipc))
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "sglang_crosspool.ffn.server", server.to_json()]))
         if self._dist:
             import torch.distributed as dist
 
-            dist.init_process_group(spec.dist_backend, init_method=init_method, rank=0,
+            dist.init_process_group(self._backend, init_method=init_method, rank=0,
                                     world_size=world)
         self.ready = [self._await_ready(i, sock) for i, sock in enumerate(socks)]
+
+    def _link(self, sock, i: int, shm: ShmLayout, ipc: IpcLayout):
+        spec, alive = self.spec, self._alive_check(i)
+        if self._dist:
+            return DistLink(sock, i, alive, getattr(torch, spec.dtype), spec.attention_device,
+                            self._backend)
+        if spec.transport == "cuda-ipc":
+            return CudaIpcLink(sock, i, alive, ipc, spec.attention_device)
+        # Creates the segment before the child starts.
+        return ShmLink(sock, i, alive, shm, spec.attention_device)
 
     def _alive_check(self, i: int):
         def check() -> str | None:
@@ -109,7 +121,11 @@ class FFNServerPool:
         deadline = time.monotonic() + self.spec.start_timeout_s
         while time.monotonic() < deadline:
             if sock.poll(100):
-                return m.decode(sock.recv())
+                msg = m.decode(sock.recv())
+                if isinstance(msg, m.IpcHandles):  # cuda-ipc: map its buffers, share ours
+                    self.links[i].attach(msg.handles)
+                    continue
+                return msg
             death = self.links[i].alive()
             if death:
                 raise FFNServerError(f"FFN server {i} {death} during start-up")
@@ -117,6 +133,8 @@ class FFNServerPool:
 
     def close(self) -> None:
         for link in self.links:
+            # Links let go of what a server shares (cuda-ipc mappings) before it exits.
+            link.close()
             try:
                 link.sock.send(m.encode(m.Shutdown()), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -128,7 +146,6 @@ class FFNServerPool:
                 proc.kill()
                 proc.wait()
         for link in self.links:
-            link.close()
             link.sock.close(linger=0)
         self.links = []
         self.procs = []

@@ -2,9 +2,10 @@
 
 In: a JSON spec (argv[1]) naming the models, the experts of each model this server owns,
 whether it also holds shared experts and dense MLPs, and its link (ZeroMQ control address and
-the shm layout or torch.distributed rank). Out: per `Forward` message, the partial FFN output
-over its experts. It reads only FFN tensors from the checkpoints: attention weights, embeddings
-and lm_head never enter this process.
+the shm layout, the cuda-ipc layout or torch.distributed rank). Out: per `Forward` message, the
+partial FFN output over its experts. It reads only FFN tensors from the checkpoints: attention
+weights, embeddings and lm_head never enter this process. With `echo` (benchmarks) it loads no
+model and returns its input, so that only the transport and the control path are timed.
 
     python -m sglang_crosspool.ffn.server '<json spec>'
 """
@@ -26,7 +27,8 @@ from sglang_crosspool.config import DTYPES
 from sglang_crosspool.models.checkpoint import CheckpointFiles
 from sglang_crosspool.models.registry import resolve
 from sglang_crosspool.transport import messages as m
-from sglang_crosspool.transport.links import DistEndpoint, ShmEndpoint
+from sglang_crosspool.transport.cuda_ipc import IpcLayout
+from sglang_crosspool.transport.links import CudaIpcEndpoint, DistEndpoint, ShmEndpoint
 from sglang_crosspool.transport.shm import ShmLayout
 
 log = logging.getLogger("sglang_crosspool.ffn_server")
@@ -41,9 +43,11 @@ class FFNServerSpec:
     device: str
     dtype: str
     control_addr: str
-    transport: str  # "shm" or "dist"
+    transport: str  # "shm", "cuda-ipc", "dist" or "nccl"
     shm: dict | None = None  # ShmLayout fields
+    ipc: dict | None = None  # IpcLayout fields
     dist: dict | None = None  # backend, init_method, world_size
+    echo: dict | None = None  # benchmarks: model name -> hidden size; no weights, FFN(h) = h
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -62,32 +66,70 @@ def load_halves(spec: FFNServerSpec) -> tuple[dict, list[str]]:
     return halves, keys
 
 
+class EchoFFN:
+    """A stand-in FFN half for transport benchmarks: no weights, returns its input."""
+
+    def forward(self, layer: int, h: torch.Tensor, routing) -> torch.Tensor:
+        return h
+
+    def nbytes(self) -> int:
+        return 0
+
+
 def serve(spec: FFNServerSpec) -> None:
     torch.set_num_threads(1)
+    device = torch.device(spec.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # current stream and NCCL device of this process
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.connect(spec.control_addr)
-    if spec.transport == "dist":
+    if spec.dist is not None:
         import torch.distributed as dist
 
         dist.init_process_group(spec.dist["backend"], init_method=spec.dist["init_method"],
                                 rank=spec.server_id + 1, world_size=spec.dist["world_size"])
-    halves, keys_read = load_halves(spec)
-    if spec.transport == "shm":
-        endpoint = ShmEndpoint(ShmLayout(**spec.shm))
+    if spec.echo is not None:
+        halves, keys_read, sizes = {n: EchoFFN() for n in spec.echo}, [], spec.echo
     else:
+        halves, keys_read = load_halves(spec)
         sizes = {name: h.spec.hidden_size for name, h in halves.items()}
-        endpoint = DistEndpoint(sizes, DTYPES[spec.dtype])
-    ffn_bytes = sum(h.nbytes() for h in halves.values())
-    sock.send(m.encode(m.Ready(spec.server_id, os.getpid(), ffn_bytes, tuple(keys_read),
-                              spec.experts)))
-    log.info("FFN server %d ready: %d bytes of FFN weights", spec.server_id, ffn_bytes)
+    endpoint = _endpoint(spec, sizes)
     try:
+        if isinstance(endpoint, CudaIpcEndpoint) and not _swap_handles(sock, endpoint):
+            return
+        ffn_bytes = sum(h.nbytes() for h in halves.values())
+        sock.send(m.encode(m.Ready(spec.server_id, os.getpid(), ffn_bytes, tuple(keys_read),
+                                  spec.experts)))
+        log.info("FFN server %d ready: %d bytes of FFN weights", spec.server_id, ffn_bytes)
         _loop(sock, endpoint, halves)
     finally:
         endpoint.close()
         sock.close(linger=0)
         ctx.term()
+
+
+def _endpoint(spec: FFNServerSpec, sizes: dict[str, int]):
+    if spec.transport == "shm":
+        return ShmEndpoint(ShmLayout(**spec.shm), sizes, spec.device)
+    if spec.transport == "cuda-ipc":
+        return CudaIpcEndpoint(IpcLayout(**spec.ipc), spec.device, sizes)
+    return DistEndpoint(sizes, DTYPES[spec.dtype], spec.device, spec.dist["backend"])
+
+
+def _swap_handles(sock, endpoint: CudaIpcEndpoint) -> bool:
+    """cuda-ipc start-up: sends this server's buffers and events, maps the attention side's.
+    False if told to shut down (or orphaned) first."""
+    sock.send(m.encode(m.IpcHandles(endpoint.share())))
+    parent = os.getppid()
+    while not sock.poll(1000):
+        if os.getppid() != parent:
+            return False
+    msg = m.decode(sock.recv())
+    if not isinstance(msg, m.IpcHandles):
+        return False
+    endpoint.attach(msg.handles)
+    return True
 
 
 def _loop(sock, endpoint, halves) -> None:

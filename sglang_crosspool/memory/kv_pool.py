@@ -7,6 +7,11 @@ token's K in one layer). Allocating a block maps 2*L physical pages (one per ran
 offset) from the shared budget; freeing it unmaps them and returns them to the budget. Kernels
 see ordinary tensors `k[layer]`, `v[layer]` of shape [slots, kv_heads, head_dim] and index them
 with slot numbers computed from a request's block list (its page table).
+
+Creating a physical page costs more than mapping it (on CUDA, cuMemCreate), so the pool keeps
+a *reserve*: up to `reserve_pages` created pages that are not mapped anywhere. Allocation maps
+reserve pages first and creates the rest; a free refills the reserve before it destroys pages.
+Created pages, mapped or in the reserve, never exceed the budget.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class ModelKV:
     name: str
     num_layers: int
     block_tokens: int
-    num_blocks: int  # virtual capacity
+    num_blocks: int  # virtual capacity in blocks (block 0, the guard, not counted)
     k_ranges: list[VirtualRange]
     v_ranges: list[VirtualRange]
     k: list[torch.Tensor]  # per layer [num_blocks * block_tokens, kv_heads, head_dim]
@@ -49,14 +54,15 @@ class KVPool:
     def __init__(self, backend: PageBackend, total_pages: int, reserve_pages: int = 0):
         if total_pages <= 0:
             raise KVPoolError(f"the KV budget must hold at least one page, got {total_pages}")
+        if reserve_pages < 0:
+            raise KVPoolError(f"the page reserve cannot be negative, got {reserve_pages}")
         self.backend = backend
         self.total_pages = total_pages
         self.models: dict[str, ModelKV] = {}
-        self._spare: list[object] = []  # created physical pages not mapped anywhere
+        self._spare: list[object] = []  # the reserve: created physical pages not mapped anywhere
         self._pages_out = 0  # physical pages mapped into some model's range
         self.reserve_pages = min(reserve_pages, total_pages)
-        for _ in range(self.reserve_pages):
-            self._spare.append(backend.create_page())
+        self.refill()
 
     @property
     def page_bytes(self) -> int:
@@ -74,15 +80,20 @@ class KVPool:
             )
         block_tokens = self.page_bytes // slot_bytes
         num_blocks = -(-max_tokens // block_tokens)
-        k_ranges = [self.backend.reserve(num_blocks) for _ in range(num_layers)]
-        v_ranges = [self.backend.reserve(num_blocks) for _ in range(num_layers)]
-        slots = num_blocks * block_tokens
+        # Block 0 is never allocated: the backend's shared guard page sits under it in every
+        # range (see PageBackend.map_guard), so blocks 1..num_blocks serve requests.
+        k_ranges = [self.backend.reserve(num_blocks + 1) for _ in range(num_layers)]
+        v_ranges = [self.backend.reserve(num_blocks + 1) for _ in range(num_layers)]
+        for vrange in k_ranges + v_ranges:
+            self.backend.map_guard(vrange, 0)
+        slots = (num_blocks + 1) * block_tokens
 
         def views(ranges):
             return [r.view(dtype, slots, kv_heads, head_dim) for r in ranges]
 
         kv = ModelKV(name, num_layers, block_tokens, num_blocks, k_ranges, v_ranges,
-                     views(k_ranges), views(v_ranges), free_blocks=list(range(num_blocks))[::-1])
+                     views(k_ranges), views(v_ranges),
+                     free_blocks=list(range(1, num_blocks + 1))[::-1])
         self.models[name] = kv
         return kv
 
@@ -125,6 +136,7 @@ class KVPool:
 
     def free_blocks(self, model: str, blocks: list[int]) -> None:
         kv = self.models[model]
+        self.backend.drain()
         for b in blocks:
             for vrange in kv.k_ranges + kv.v_ranges:
                 page = self.backend.unmap(vrange, b)
@@ -136,6 +148,16 @@ class KVPool:
             kv.free_blocks.append(b)
         kv.blocks_in_use -= len(blocks)
         self._pages_out -= len(blocks) * kv.pages_per_block
+
+    def refill(self) -> int:
+        """Creates pages until the reserve is full (or the budget is all created); returns how
+        many. Off the critical path: for start-up and idle time, since allocations drain the
+        reserve and only frees refill it."""
+        target = min(self.reserve_pages, self.total_pages - self._pages_out)
+        created = max(0, target - len(self._spare))
+        for _ in range(created):
+            self._spare.append(self.backend.create_page())
+        return created
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -158,6 +180,7 @@ class KVPool:
             "total_pages": self.total_pages,
             "used_pages": self.used_pages,
             "free_pages": self.free_pages,
+            "spare_pages": len(self._spare),
             "used_bytes": self.used_pages * self.page_bytes,
             "total_bytes": self.total_pages * self.page_bytes,
             "models": {

@@ -17,6 +17,7 @@ so that outputs match it token for token.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,27 @@ from sglang_crosspool.models.checkpoint import CheckpointFiles
 from sglang_crosspool.models.config import ModelSpec
 
 
+@functools.cache
+def _gpu_kernel(name: str):
+    """The Triton kernel `name` of crosspool_kernels for CUDA tensors, or None without Triton.
+
+    On CUDA the layers run these kernels (one launch instead of several torch ops, which is
+    what a captured decode step is made of); on CPU they keep torch ops, the float32 path that
+    matches transformers token for token.
+    """
+    from crosspool_kernels import HAS_TRITON, KERNELS
+
+    return KERNELS[name].triton if HAS_TRITON else None
+
+
+def _kernel_for(name: str, x: torch.Tensor):
+    return _gpu_kernel(name) if x.is_cuda else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    kernel = _kernel_for("rms_norm", x)
+    if kernel is not None:
+        return kernel(x, weight, eps)
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -54,19 +75,21 @@ class Rotary:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def apply_qk(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        kernel = _kernel_for("rope", q)
+        if kernel is not None:
+            return kernel(q, k, positions, self.cos, self.sin)
+        return self.apply(q, positions), self.apply(k, positions)
+
 
 @dataclass
 class AttnLayer:
     input_norm: torch.Tensor
-    q_w: torch.Tensor
-    k_w: torch.Tensor
-    v_w: torch.Tensor
+    qkv_w: torch.Tensor  # q, k and v projections stacked: one GEMM per layer
     o_w: torch.Tensor
     post_norm: torch.Tensor
     router: torch.Tensor | None  # None for a dense layer
-    q_b: torch.Tensor | None = None
-    k_b: torch.Tensor | None = None
-    v_b: torch.Tensor | None = None
+    qkv_b: torch.Tensor | None = None
     o_b: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -116,11 +139,11 @@ class AttentionHalf:
         s, p = self.spec, f"model.layers.{i}."
         h, q, kv = s.hidden_size, s.q_size, s.kv_size
         sizes = {"q": q, "k": kv, "v": kv, "o": h}
+        proj = {name: load(p + f"self_attn.{name}_proj.weight", shape=(sizes[name], h))
+                for name in ("q", "k", "v")}
         layer = AttnLayer(
             input_norm=load(p + "input_layernorm.weight", shape=(h,)),
-            q_w=load(p + "self_attn.q_proj.weight", shape=(q, h)),
-            k_w=load(p + "self_attn.k_proj.weight", shape=(kv, h)),
-            v_w=load(p + "self_attn.v_proj.weight", shape=(kv, h)),
+            qkv_w=torch.cat(list(proj.values())),
             o_w=load(p + "self_attn.o_proj.weight", shape=(h, q)),
             post_norm=load(p + "post_attention_layernorm.weight", shape=(h,)),
             router=None,
@@ -128,8 +151,12 @@ class AttentionHalf:
         if s.moe_layers[i]:
             keys = [p + prefix + "gate.weight" for prefix in self.moe_prefixes]
             layer.router = load(*keys, shape=(s.num_experts, h))
-        for name in self.bias_fields:
-            setattr(layer, f"{name}_b", load(p + f"self_attn.{name}_proj.bias", shape=(sizes[name],)))
+        biases = {name: load(p + f"self_attn.{name}_proj.bias", shape=(sizes[name],))
+                  for name in self.bias_fields}
+        if any(name in biases for name in proj):
+            layer.qkv_b = torch.cat([biases[n] if n in biases else proj[n].new_zeros(sizes[n])
+                                     for n in proj])
+        layer.o_b = biases.get("o")
         if self.qk_norm_keys:
             q_shape, k_shape = self.qk_norm_shapes()
             layer.q_norm = load(p + "self_attn.q_norm.weight", shape=q_shape)
@@ -147,9 +174,7 @@ class AttentionHalf:
     def qkv(self, layer: AttnLayer, h: torch.Tensor):
         """Projects h [tokens, hidden] to q [T, heads, d], k and v [T, kv_heads, d]."""
         s = self.spec
-        q = F.linear(h, layer.q_w, layer.q_b)
-        k = F.linear(h, layer.k_w, layer.k_b)
-        v = F.linear(h, layer.v_w, layer.v_b)
+        q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).split([s.q_size, s.kv_size, s.kv_size], -1)
         q, k, v = self.qk_norm(layer, q, k, v)
         return (
             q.view(-1, s.num_heads, s.head_dim),
@@ -183,11 +208,15 @@ class AttentionHalf:
         layer = self.layers[i]
         h = rms_norm(x, layer.input_norm, self.spec.rms_norm_eps)
         q, k, v = self.qkv(layer, h)
-        q = self.rotary.apply(q, batch.positions)
-        k = self.rotary.apply(k, batch.positions)
+        q, k = self.rotary.apply_qk(q, k, batch.positions)
         o = attn(i, q, k, v, batch)
-        x = x + F.linear(o, layer.o_w, layer.o_b)
-        h = rms_norm(x, layer.post_norm, self.spec.rms_norm_eps)
+        o = F.linear(o, layer.o_w, layer.o_b)
+        add_norm = _kernel_for("fused_add_rms_norm", x)
+        if add_norm is not None:
+            h, x = add_norm(o, x, layer.post_norm, self.spec.rms_norm_eps)
+        else:
+            x = x + o
+            h = rms_norm(x, layer.post_norm, self.spec.rms_norm_eps)
         return x, h, self.route(layer, h)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,19 +325,23 @@ class FFNHalf:
     def forward(self, i: int, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         """FFN output of layer i for h [tokens, hidden] (partial if experts are a subset)."""
         layer = self.layers[i]
-        out = torch.zeros_like(h)
+        out = None
         if layer.w13 is not None and routing.topk_ids is not None:
-            out = self._routed(layer, h, routing, out)
+            out = self._routed(layer, h, routing)
         if layer.shared_w13 is not None:
             shared = _swiglu(h, layer.shared_w13, layer.shared_w2)
             if layer.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(h, layer.shared_gate)) * shared
-            out = out + shared
-        return out
+            out = shared if out is None else out + shared
+        return torch.zeros_like(h) if out is None else out
 
-    def _routed(self, layer: FFNLayer, h, routing: Routing, out: torch.Tensor) -> torch.Tensor:
-        # Reference path: loop over the owned experts that received tokens. The fused Triton
-        # kernel (crosspool_kernels) replaces this on GPU.
+    def _routed(self, layer: FFNLayer, h, routing: Routing) -> torch.Tensor:
+        fused = _kernel_for("fused_moe", h)
+        if fused is not None:  # on GPU: sorted by expert, grouped GEMM, no host sync
+            return fused(h, layer.w13, layer.w2, routing.topk_weights, routing.topk_ids,
+                         layer.local_index)
+        # Reference path: loop over the owned experts that received tokens.
+        out = torch.zeros_like(h)
         local = layer.local_index[routing.topk_ids]  # [T, k], -1 where another server owns it
         for row in torch.unique(local[local >= 0]).tolist():
             token_idx, slot = torch.where(local == row)

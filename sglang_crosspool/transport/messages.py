@@ -16,6 +16,14 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class IpcHandles:
+    """cuda-ipc start-up, once each way: one side's shared buffers and events
+    (`transport.cuda_ipc.share`). The server sends its own first, then waits for the peer's."""
+
+    handles: dict
+
+
+@dataclass(frozen=True)
 class Forward:
     """One layer of one micro-batch: the data waits in `slot` of the transport."""
 

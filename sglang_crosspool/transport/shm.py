@@ -2,7 +2,9 @@
 
 Each link owns one shared-memory segment holding, per slot, an input area (hidden, top-k ids,
 top-k weights) and an output area. Slots let several micro-batches be in flight to the same
-FFN server at once. Names come from the link config, so two servers never collide.
+FFN server at once. Areas are flat: `n` tokens of a model with hidden size `h` are the prefix
+`[: n * h]`, so models of different widths share the buffers. Names come from the link config,
+so two servers never collide.
 """
 
 from __future__ import annotations
@@ -60,31 +62,40 @@ class ShmBuffers:
         elem = layout._elem
         for _ in range(layout.slots):
             self.slots.append({
-                "hidden": take(t * h * elem, dtype, t, h),
-                "out": take(t * h * elem, dtype, t, h),
-                "ids": take(t * k * 8, torch.int64, t, k),
-                "weights": take(t * k * 4, torch.float32, t, k),
+                "hidden": take(t * h * elem, dtype, t * h),
+                "out": take(t * h * elem, dtype, t * h),
+                "ids": take(t * k * 8, torch.int64, t * k),
+                "weights": take(t * k * 4, torch.float32, t * k),
             })
 
     def write_input(self, slot: int, hidden: torch.Tensor, routing: Routing) -> None:
-        s, n = self.slots[slot], hidden.shape[0]
-        s["hidden"][:n].copy_(hidden)
+        s, (n, h) = self.slots[slot], hidden.shape
+        prefix(s["hidden"], n, h).copy_(hidden)
         if routing.topk_ids is not None:
             k = routing.topk_ids.shape[1]
-            s["ids"][:n, :k].copy_(routing.topk_ids)
-            s["weights"][:n, :k].copy_(routing.topk_weights)
+            prefix(s["ids"], n, k).copy_(routing.topk_ids)
+            prefix(s["weights"], n, k).copy_(routing.topk_weights)
 
-    def read_input(self, slot: int, n: int, k: int) -> tuple[torch.Tensor, Routing]:
+    def read_input(self, slot: int, n: int, k: int, h: int) -> tuple[torch.Tensor, Routing]:
         s = self.slots[slot]
         if k == 0:
-            return s["hidden"][:n], Routing(None, None)
-        return s["hidden"][:n], Routing(s["ids"][:n, :k], s["weights"][:n, :k])
+            return prefix(s["hidden"], n, h), Routing(None, None)
+        return prefix(s["hidden"], n, h), Routing(prefix(s["ids"], n, k),
+                                                  prefix(s["weights"], n, k))
+
+    def output(self, slot: int, n: int, h: int) -> torch.Tensor:
+        return prefix(self.slots[slot]["out"], n, h)
 
     def close(self) -> None:
         self.slots = []  # drop the views first: the segment cannot close while they exist
         self._shm.close()
         if self._owner:
             self._shm.unlink()
+
+
+def prefix(flat: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """The first `rows` rows of a flat area seen as [rows, width] (contiguous)."""
+    return flat[: rows * width].view(rows, width)
 
 
 def _open_segment(layout: ShmLayout, create: bool) -> shared_memory.SharedMemory:

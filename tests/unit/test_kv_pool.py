@@ -1,4 +1,7 @@
-"""KV pool: virtual ranges per model, one shared physical budget, exact accounting."""
+"""KV pool: virtual ranges per model, one shared physical budget, exact accounting.
+
+The backend contract and the page reserve are tested in test_page_backends.py.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,11 @@ import pytest
 import torch
 
 from sglang_crosspool.memory.kv_pool import KVPool, KVPoolError
-from sglang_crosspool.memory.page_backend import PagingError, SimulatedPageBackend
+from sglang_crosspool.memory.page_backend import SimulatedPageBackend
 
 
-def make_pool(total_pages=40, reserve=0):
-    pool = KVPool(SimulatedPageBackend(page_bytes=1024), total_pages, reserve_pages=reserve)
+def make_pool(total_pages=40):
+    pool = KVPool(SimulatedPageBackend(page_bytes=1024), total_pages)
     # 2 kv heads x 16 dims x 4 bytes = 128 bytes a slot: 8 tokens a block.
     pool.add_model("a", num_layers=2, kv_heads=2, head_dim=16, dtype=torch.float32,
                    max_tokens=100)
@@ -62,34 +65,6 @@ def test_views_write_through_mapped_pages_and_poison_on_unmap():
     assert (kv.k[1][slots] == 1.5).all()
     pool.free_blocks("a", [block])
     assert torch.isnan(kv.k[1][slots]).all()  # reading after free shows NaN, not old KV
-
-
-def test_backend_enforces_its_contract():
-    backend = SimulatedPageBackend(page_bytes=256)
-    vrange = backend.reserve(4)
-    page = backend.create_page()
-    backend.map(vrange, 0, page)
-    with pytest.raises(PagingError):
-        backend.map(vrange, 1, page)  # one physical page, one place
-    with pytest.raises(PagingError):
-        backend.destroy_page(page)
-    with pytest.raises(PagingError):
-        backend.release(vrange)
-    assert backend.unmap(vrange, 0) == page
-    with pytest.raises(PagingError):
-        backend.unmap(vrange, 0)
-    backend.destroy_page(page)
-    backend.release(vrange)
-
-
-def test_reserve_of_precreated_pages_is_reused():
-    pool = make_pool(reserve=4)
-    backend = pool.backend
-    created = backend._next_page
-    blocks = pool.alloc_blocks("a", 1)  # 4 pages, all from the reserve
-    assert backend._next_page == created
-    pool.free_blocks("a", blocks)
-    assert len(pool._spare) == 4
 
 
 def test_page_size_must_fit_whole_slots():

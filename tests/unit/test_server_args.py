@@ -141,3 +141,16 @@ def test_no_model_means_demo_models(tmp_path, monkeypatch):
     mtimes = [os.path.getmtime(os.path.join(m.path, "config.json")) for m in a.models]
     again = parse()  # reused, not made again
     assert [os.path.getmtime(os.path.join(m.path, "config.json")) for m in again.models] == mtimes
+
+
+def test_kv_page_backend_and_reserve_flags(ckpts):
+    a = parse("--model-path", ckpts["qwen3_moe"], "--kv-page-backend", "simulated",
+              "--kv-reserve-pages", "3")
+    assert (a.kv_page_backend, a.kv_reserve_pages) == ("simulated", 3)
+    cfg = a.engine_config()
+    assert (cfg.kv_page_backend, cfg.kv_reserve_pages) == ("simulated", 3)
+    default = parse("--model-path", ckpts["qwen3_moe"])
+    assert default.kv_page_backend == "auto" and default.engine_config().kv_reserve_pages == 0
+    for bad in (["--kv-reserve-pages", "-1"], ["--kv-page-backend", "mmap"]):
+        with pytest.raises(SystemExit):
+            parse("--model-path", ckpts["qwen3_moe"], *bad)

@@ -1,0 +1,182 @@
+"""Decode steps as CUDA graphs: per model, per batch-size bucket, captured at start-up.
+
+At small batch a decode step is hundreds of small kernels, and launching them from Python
+costs more than running them. Here the CPU decides once per step (which sequences, which
+slots) and the GPU runs the whole step as one graph replay:
+
+    host lists -> one pinned buffer -> one upload into the static buffers -> replay -> logits
+
+The batch is padded to the smallest bucket that holds it. Padding rows repeat row 0's block
+table and context length, so every read stays inside mapped KV pages, and have slot -1, so
+their K/V store is skipped; their logits are discarded. Steps that are not pure decode, that
+exceed the largest bucket or whose block tables are wider than the capture are run eagerly.
+
+`capture=False` runs the same padded static path without graphs: that is how CPU tests check
+the padding and the buffer handling, and how `--disable-cuda-graph` can still be compared.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
+from sglang_crosspool.engine.model_runner import ModelRunner
+
+log = logging.getLogger("sglang_crosspool.cuda_graph")
+
+
+def graph_buckets(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to 64, then of 16, and max_bs itself."""
+    sizes = [b for b in (1, 2, 4) if b < max_bs]
+    b = 8
+    while b < max_bs:
+        sizes.append(b)
+        b += 8 if b < 64 else 16
+    return sizes + [max_bs]
+
+
+class StaticBuffers:
+    """The graph's inputs: int64 ids, positions, slots and block tables, and int32 context
+    lengths, all views of one byte buffer so that a step is a single host-to-device copy."""
+
+    def __init__(self, max_bs: int, max_blocks: int, device: torch.device):
+        self.max_bs, self.max_blocks = max_bs, max_blocks
+        n64 = max_bs * (3 + max_blocks)
+        nbytes = 8 * n64 + 4 * max_bs
+        pin = device.type == "cuda"
+        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.host_views = self._views(self.host, n64)
+        self.dev_views = self._views(self.dev, n64)
+
+    def _views(self, buf: torch.Tensor, n64: int) -> dict[str, torch.Tensor]:
+        b, w = self.max_bs, self.max_blocks
+        longs = buf[: 8 * n64].view(torch.int64)
+        return {
+            "ids": longs[:b], "positions": longs[b : 2 * b], "slots": longs[2 * b : 3 * b],
+            "tables": longs[3 * b :].view(b, w), "ctx": buf[8 * n64 :].view(torch.int32),
+        }
+
+    def fill(self, lists: StepLists, bs: int) -> None:
+        """Writes the step, padded to bs rows, into the pinned buffer and uploads it."""
+        n = len(lists.ids)
+        h = self.host_views
+        pad = bs - n
+        h["ids"][:bs] = torch.tensor(lists.ids + [0] * pad)
+        h["positions"][:bs] = torch.tensor(lists.positions + [lists.positions[0]] * pad)
+        h["slots"][:bs] = torch.tensor(lists.slots + [-1] * pad)
+        h["ctx"][:bs] = torch.tensor(lists.ctx_lens + [lists.ctx_lens[0]] * pad)
+        tables = h["tables"]
+        tables[:bs].zero_()
+        for row, blocks in enumerate(lists.tables + [lists.tables[0]] * pad):
+            tables[row, : len(blocks)] = torch.tensor(blocks)
+        self.dev.copy_(self.host, non_blocking=True)
+
+    def forward_batch(self, bs: int, lists: StepLists, block_tokens: int) -> ForwardBatch:
+        """A ForwardBatch over the static buffers' first bs rows (the lists give the host-side
+        copy of the metadata, padded as `fill` pads it)."""
+        d = self.dev_views
+        pad = bs - len(lists.ids)
+        ctx = lists.ctx_lens + [lists.ctx_lens[0]] * pad
+        return ForwardBatch(d["ids"][:bs], d["positions"][:bs], d["slots"][:bs],
+                            list(range(bs)), [1] * bs, ctx, d["tables"][:bs], block_tokens,
+                            ctx_lens_t=d["ctx"][:bs], num_real=len(lists.ids))
+
+
+@dataclass
+class _Captured:
+    bs: int
+    fb: ForwardBatch
+    graph: object | None  # torch.cuda.CUDAGraph, None when not capturing
+    logits: torch.Tensor | None  # the graph's output [bs, vocab] float32
+
+
+class DecodeGraphs:
+    """One model's captured decode steps."""
+
+    def __init__(self, runner: ModelRunner, kv_pool, buckets: list[int], max_blocks: int,
+                 capture: bool = True, pool=None, memory_budget: int | None = None):
+        self.runner = runner
+        self.block_tokens = kv_pool.block_tokens(runner.name)
+        self.device = runner.model.device if isinstance(runner.model.device, torch.device) \
+            else torch.device(runner.model.device)
+        self.buffers = StaticBuffers(max(buckets), max_blocks, self.device)
+        self.capture = capture
+        self.pool = pool
+        self.memory_budget = memory_budget
+        self.graphs: dict[int, _Captured] = {}
+        self.memory_bytes = 0
+        self.runs = 0
+        self._capture_all(sorted(buckets, reverse=True))
+
+    @property
+    def max_bs(self) -> int:
+        return max(self.graphs) if self.graphs else 0
+
+    def fits(self, lists: StepLists) -> bool:
+        return (lists.is_decode and len(lists.ids) <= self.max_bs
+                and max(len(t) for t in lists.tables) <= self.buffers.max_blocks)
+
+    @torch.inference_mode()
+    def run(self, lists: StepLists, rows: list[int]) -> torch.Tensor:
+        """The logits rows `rows` of one decode step (`fits(lists)` must hold)."""
+        bs = min(b for b in self.graphs if b >= len(lists.ids))
+        cap = self.graphs[bs]
+        self.buffers.fill(lists, bs)
+        pad = bs - len(lists.ids)
+        # The host copy of the context lengths, for backends that plan on the host.
+        cap.fb.ctx_lens = lists.ctx_lens + [lists.ctx_lens[0]] * pad
+        cap.fb.num_real = len(lists.ids)
+        self.runner.backend.prepare_graph(cap.fb)
+        if cap.graph is None:
+            logits = self.runner.model.logits(self.runner.layers(cap.fb))
+        else:
+            cap.graph.replay()
+            logits = cap.logits
+        self.runs += 1
+        return logits[rows]
+
+    # -- capture ----------------------------------------------------------------------------
+
+    def _capture_all(self, buckets: list[int]) -> None:
+        for bs in buckets:
+            self._capture_one(bs)
+
+    def _capture_one(self, bs: int) -> None:
+        # Captured on a 1-token context in block 0, the KV pool's guard block: always mapped,
+        # never allocated; the store is skipped (slot -1), so nothing writes it.
+        lists = StepLists([0], [0], [-1], [0], [1], [1], [[0]])
+        self.buffers.fill(lists, bs)
+        fb = self.buffers.forward_batch(bs, lists, self.block_tokens)
+        self.runner.backend.prepare_graph(fb)
+        if not self.capture:
+            self.graphs[bs] = _Captured(bs, fb, None, None)
+            return
+        before = torch.cuda.memory_reserved(self.device)
+        with torch.inference_mode():
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm up: compile kernels, settle the allocator
+                for _ in range(2):
+                    self.runner.model.logits(self.runner.layers(fb))
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.runner.model.logits(self.runner.layers(fb))
+        torch.cuda.synchronize(self.device)
+        grown = torch.cuda.memory_reserved(self.device) - before
+        if self.memory_budget is not None and self.memory_bytes + grown > self.memory_budget:
+            log.warning("%s: decode graph for batch %d needs %d MiB, over the graph memory "
+                        "budget; larger batches of this model run eagerly", self.runner.name,
+                        bs, grown >> 20)
+            del graph, logits
+            return
+        self.memory_bytes += grown
+        self.graphs[bs] = _Captured(bs, fb, graph, logits)
+
+    def stats(self) -> dict:
+        return {"buckets": sorted(self.graphs), "captured": self.capture,
+                "memory_bytes": self.memory_bytes, "runs": self.runs}

@@ -1,0 +1,117 @@
+"""FFN servers as processes on a CUDA GPU: the cuda-ipc transport (and shm staged through the
+host, and nccl where there are two GPUs) gives monolithic's greedy tokens on the same GPU, and
+a killed FFN server ends requests with an error, as on CPU.
+
+Marked `gpu`; skipped without CUDA or pyzmq. Attention runs on GPU 0; FFN servers on GPU 0
+beside it, and on GPU 1 too where there is one. Exact comparisons run in float32 with decode
+graphs off everywhere (so every run takes the same eager kernels); bf16 is compared with
+crosspool-local, which has the same expert split and sums in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("zmq")
+
+from sglang_crosspool import Engine
+from sglang_crosspool.engine.core import EngineUnavailable
+from sglang_crosspool.engine.request import EngineRequest
+from sglang_crosspool.engine.sampling_params import SamplingParams
+from sglang_crosspool.testing.checkpoints import ARCHS
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
+TWO_GPUS = torch.cuda.device_count() >= 2
+FFN_GPUS = ["cuda:0", "cuda:1"] if TWO_GPUS else ["cuda:0"]
+needs_two = pytest.mark.skipif(not TWO_GPUS, reason="needs 2 GPUs")
+
+
+def run_all(paths, dtype="float32", **options):
+    engine = Engine(paths, served_model_name=list(ARCHS), device="cuda:0", dtype=dtype,
+                    disable_cuda_graph=True, **options)
+    try:
+        prompts = [p for p in PROMPTS for _ in ARCHS]
+        models = [a for _ in PROMPTS for a in ARCHS]
+        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, model=models)
+        return [o["output_ids"] for o in outs], engine.stats()
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_models):
+    return [tiny_models[a] for a in ARCHS]
+
+
+@pytest.fixture(scope="module")
+def reference(paths):
+    return run_all(paths, pool_mode="monolithic")
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("transport, ffn_device", [
+    *[("cuda-ipc", d) for d in FFN_GPUS],
+    ("shm", "cuda:0"),
+    pytest.param("nccl", "cuda:1", marks=needs_two),
+])
+def test_ffn_server_processes_on_gpu_match_monolithic(paths, reference, transport, ffn_device,
+                                                      microbatches):
+    outputs, stats = run_all(paths, pool_mode="crosspool", ffn_servers=2,
+                             ffn_transport=transport, ffn_device=ffn_device,
+                             pipeline_microbatches=microbatches)
+    assert outputs == reference[0]
+    assert stats["ffn_bytes_here"] == 0
+    assert sum(stats["ffn_bytes_per_server"]) == reference[1]["ffn_bytes_here"]
+    if microbatches > 1:
+        assert stats["pipeline"]["steps"] > 0
+
+
+@pytest.mark.parametrize("ffn_device", FFN_GPUS)
+def test_cuda_ipc_in_bf16_matches_the_same_split_in_process(paths, ffn_device):
+    local, _ = run_all(paths, dtype="bfloat16", pool_mode="crosspool", ffn_servers=2,
+                       ffn_transport="local", pipeline_microbatches=2)
+    remote, _ = run_all(paths, dtype="bfloat16", pool_mode="crosspool", ffn_servers=2,
+                        ffn_transport="cuda-ipc", ffn_device=ffn_device,
+                        pipeline_microbatches=2)
+    assert remote == local
+
+
+@pytest.mark.parametrize("ffn_device", FFN_GPUS)
+def test_killed_cuda_ipc_server_ends_requests_with_an_error(tiny_models, ffn_device):
+    engine = Engine(tiny_models["qwen2_moe"], device="cuda:0", dtype="float32",
+                    pool_mode="crosspool", ffn_servers=2, ffn_transport="cuda-ipc",
+                    ffn_device=ffn_device, disable_cuda_graph=True)
+    core = engine.core
+    try:
+        params = SamplingParams.from_dict({"max_new_tokens": 50, "ignore_eos": True})
+        states = [core.add_request(EngineRequest(f"r{i}", "qwen2_moe", [1, 2, 3 + i], params))
+                  for i in range(3)]
+        for _ in range(3):
+            core.step()
+        victim = core.ffn.pool.procs[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        start = time.monotonic()
+        while core.has_work() and time.monotonic() - start < 30:
+            core.step()
+        assert not core.has_work()
+        for state in states:
+            assert state.finish_reason["type"] == "abort"
+            assert "FFN server 1" in state.finish_reason["message"]
+        assert core.stats()["kv"]["used_pages"] == 0
+        with pytest.raises(EngineUnavailable, match="FFN server 1"):
+            core.add_request(EngineRequest("late", "qwen2_moe", [1, 2], params))
+        # This process's GPU work still runs after the server's death.
+        assert (torch.ones(4, device="cuda:0") * 2).sum().item() == 8
+    finally:
+        engine.shutdown()
