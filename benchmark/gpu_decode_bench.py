@@ -110,9 +110,10 @@ def parity(engine: Engine, hf, vocab: int) -> dict:
         if prefix < 16:
             top2 = ref.logits[prefix][0].float().topk(2).values
             gap = float(top2[0] - top2[1])
-            # bf16 keeps 8 significant bits: values near |x| are rounded by up to |x| / 256.
+            # bf16 keeps 8 significant bits: neighbours near x are 2^(floor(log2|x|) - 7) apart.
+            step = 2.0 ** (math.floor(math.log2(float(top2[0].abs()))) - 7)
             entry["divergence"] = {"step": prefix, "hf_top2_gap": gap,
-                                   "bf16_ulp_at_top": float(top2[0].abs()) / 128,
+                                   "bf16_step_at_top": step,
                                    "ours_logit_diff_there": diffs[prefix]}
         out.append(entry)
     return {"prompts": out}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The headline experiment of issue 6 on GPUs: the bursty long-context trace and the balanced
 # trace, each on static, monolithic and crosspool (a fresh server per mode), with a load sweep.
-# Prepared on CPU; NOT YET RUN on GPUs. Run from the repository root:
+# Prepared on CPU; not yet run on 2 GPUs (the one-GPU run is benchmark/headline_1gpu.sh).
+# Run from the repository root:
 #
 #   CKPTS=/models/moe SERVER_ARGS="--device cuda" \
 #   CROSSPOOL_ARGS="--ffn-servers 2 --ffn-transport shm" benchmark/headline.sh
