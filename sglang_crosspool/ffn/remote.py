@@ -187,16 +187,25 @@ class RemoteFFNExecutor(FFNExecutor):
             raise ValueError(f"{hidden.shape[0]} tokens exceed the transport's "
                              f"{self.pool.spec.max_tokens}")
         slot = self._free_slots.pop()
-        targets = {0}  # server 0 holds shared experts and dense layers
-        if routing.topk_ids is not None:
-            used = torch.unique(routing.topk_ids).cpu()
-            targets |= set(torch.unique(self._owner[model][used]).tolist())
+        targets = self._targets(model, hidden, routing)
         try:
-            for s in sorted(targets):
+            for s in targets:
                 self.links[s].submit(slot, model, layer, hidden, routing)
         except Exception as e:
             self._break(e)
-        return slot, sorted(targets)
+        return slot, targets
+
+    def _targets(self, model: str, hidden, routing: Routing) -> list[int]:
+        """The servers a layer goes to: server 0 (shared experts, dense layers) and the owners
+        of the chosen experts. On a GPU every server gets it: choosing would make the host wait
+        for the routing every layer, and a server none of whose experts were chosen adds zeros."""
+        servers = len(self.links)
+        if routing.topk_ids is None:
+            return [0]
+        if servers == 1 or hidden.is_cuda:
+            return list(range(servers))
+        used = torch.unique(routing.topk_ids)
+        return sorted({0} | set(torch.unique(self._owner[model][used]).tolist()))
 
     def wait(self, handle):
         slot, targets = handle
