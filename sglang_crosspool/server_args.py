@@ -67,6 +67,7 @@ class ServerArgs:
     pool_mode: str = "monolithic"
     ffn_servers: int = 1
     ffn_transport: str = "local"
+    ffn_device: str | None = None  # crosspool: where FFN servers run (default: --device)
     ffn_placement: tuple | None = None  # from --plan: ((model, ((expert ids), ...)), ...)
     pipeline_microbatches: int = 1
     kv_pages: int | None = None
@@ -113,6 +114,7 @@ class ServerArgs:
             kv_budget_bytes=self.kv_budget_bytes, attention_backend=self.attention_backend,
             random_seed=self.random_seed, pool_mode=self.pool_mode,
             ffn_servers=self.ffn_servers, ffn_transport=self.ffn_transport,
+            ffn_device=self.ffn_device,
             ffn_placement=self.ffn_placement, pipeline_microbatches=self.pipeline_microbatches,
             disable_cuda_graph=self.disable_cuda_graph,
             cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
@@ -184,6 +186,7 @@ class ServerArgs:
             attention_backend=a.attention_backend, disable_cuda_graph=a.disable_cuda_graph,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
+            ffn_device=a.ffn_device,
             ffn_placement=plan, pipeline_microbatches=a.pipeline_microbatches,
             kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
@@ -416,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crosspool: FFN servers in the weights pool, experts sharded over them")
     g.add_argument("--ffn-transport", default="local", choices=FFN_TRANSPORTS,
                    help="crosspool: how hidden states reach the FFN servers (local: in this "
-                        "process; shm / dist: separate FFN server processes)")
+                        "process; shm, dist (gloo), cuda-ipc (GPUs of one host), nccl: FFN "
+                        "server processes)")
+    g.add_argument("--ffn-device", default=None, metavar="DEVICE",
+                   help="crosspool: the device of the FFN servers, e.g. cuda:1 with attention "
+                        "on cuda:0 (default: --device)")
 
     g = p.add_argument_group("CUDA graphs (on CUDA; FFN in process)")
     g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
