@@ -132,14 +132,12 @@ class EngineConfig:
         dist_backend = _ffn_link(pool_mode, ffn_transport, device, ffn_device, dist_backend)
         return cls(tuple(entries), device, dtype, max_running_requests, chunked_prefill_size,
                    kv_page_bytes, kv_pages, kv_budget_bytes, attention_backend, random_seed,
-                   pool_mode, ffn_servers, ffn_transport, ffn_device or device, dist_backend,
+                   pool_mode, ffn_servers, ffn_transport, ffn_device, dist_backend,
                    pipeline_microbatches, _placement(ffn_placement, names, ffn_servers),
                    cuda_graph=not disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
                    cuda_graph_memory_bytes=cuda_graph_memory_bytes,
                    kv_page_backend=kv_page_backend,
                    kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries))
-
-
 
 
 def _ffn_link(pool_mode: str, transport: str, device: str, ffn_device: str,
