@@ -30,7 +30,7 @@ if [ "$STAGE" = smoke ]; then
     --shapes qwen3-30b-a3b --layers 2 --batches 1,4 --ctxs 1024 --steps 5
   step pytest-flashinfer 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_flashinfer_gpu.py
 else
-  step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider tests/gpu \
+  step pytest-gpu 120 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} \
     --deselect tests/gpu/test_flashinfer_gpu.py
   for shape in ${SHAPES:-olmoe-1b-7b qwen1.5-moe-a2.7b qwen3-30b-a3b}; do
     step "decode-$shape" "${SHAPE_LIMIT:-150}" python3 benchmark/gpu_decode_bench.py \

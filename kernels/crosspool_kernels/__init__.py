@@ -34,6 +34,7 @@ _OPS: dict[str, tuple[str, str, str]] = {
     "fused_add_rms_norm": ("rmsnorm", "fused_add_rms_norm", "fused_add_rms_norm_ref"),
     "rope": ("rope", "apply_rope", "apply_rope_ref"),
     "fused_moe": ("fused_moe", "fused_moe", "fused_moe_ref"),
+    "router_topk": ("router", "router_topk", "router_topk_ref"),
     "sample": ("sampling", "top_k_top_p_sample", "top_k_top_p_sample_ref"),
     "greedy": ("sampling", "greedy_sample", "greedy_sample_ref"),
 }

@@ -191,6 +191,9 @@ class AttentionHalf:
         if layer.router is None:
             return Routing(None, None)
         logits = F.linear(h, layer.router)
+        fused = _kernel_for("router_topk", logits)
+        if fused is not None:  # on GPU: softmax, top-k, renormalisation and cast in one launch
+            return Routing(*fused(logits, self.spec.top_k, self.renormalize(), h.dtype))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
         if self.renormalize():
