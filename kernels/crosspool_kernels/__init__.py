@@ -12,6 +12,8 @@ What flows in and out (shapes as the engine lays them out; T = new tokens of a s
 - rope: q [T, H, d], k [T, KVH, d], positions [T], cos/sin [max_pos, rot] -> rotated q, k.
 - fused_moe: hidden [T, Hd], topk_ids / topk_weights [T, k], w13 [E, 2I, Hd], w2 [E, Hd, I]
   (+ local_index [E_global] -> local expert or -1) -> [T, Hd].
+- router_topk: router logits [T, E] -> ids [T, k] int64 and weights [T, k] (softmax, top-k,
+  optional renormalisation, cast), one launch.
 - sample / greedy: probs or logits [B, V] + per-row top_k, top_p, min_p, uniforms -> ids [B].
 
 `KERNELS[name]` gives `KernelOp(triton, reference)`; modules load on first use, and `triton`
