@@ -56,34 +56,36 @@ class StaticBuffers:
         b, w = self.max_bs, self.max_blocks
         longs = buf[: 8 * n64].view(torch.int64)
         return {
+            "rows": longs[: 3 * b].view(3, b),  # ids, positions, slots
             "ids": longs[:b], "positions": longs[b : 2 * b], "slots": longs[2 * b : 3 * b],
             "tables": longs[3 * b :].view(b, w), "ctx": buf[8 * n64 :].view(torch.int32),
         }
 
-    def fill(self, lists: StepLists, bs: int) -> None:
-        """Writes the step, padded to bs rows, into the pinned buffer and uploads it."""
-        n = len(lists.ids)
-        h = self.host_views
-        pad = bs - n
-        h["ids"][:bs] = torch.tensor(lists.ids + [0] * pad)
-        h["positions"][:bs] = torch.tensor(lists.positions + [lists.positions[0]] * pad)
-        h["slots"][:bs] = torch.tensor(lists.slots + [-1] * pad)
-        h["ctx"][:bs] = torch.tensor(lists.ctx_lens + [lists.ctx_lens[0]] * pad)
-        tables = h["tables"]
-        tables[:bs].zero_()
-        for row, blocks in enumerate(lists.tables + [lists.tables[0]] * pad):
-            tables[row, : len(blocks)] = torch.tensor(blocks)
-        self.dev.copy_(self.host, non_blocking=True)
-
-    def forward_batch(self, bs: int, lists: StepLists, block_tokens: int) -> ForwardBatch:
-        """A ForwardBatch over the static buffers' first bs rows (the lists give the host-side
-        copy of the metadata, padded as `fill` pads it)."""
-        d = self.dev_views
+    def fill(self, lists: StepLists, bs: int) -> list[int]:
+        """Writes the step, padded to bs rows, into the pinned buffer and uploads it; returns
+        the padded context lengths (the host copy, for backends that plan on the host)."""
         pad = bs - len(lists.ids)
-        ctx = lists.ctx_lens + [lists.ctx_lens[0]] * pad
+        h = self.host_views
+        ctx = lists.ctx_lens + lists.ctx_lens[:1] * pad
+        h["rows"][:, :bs] = torch.tensor([lists.ids + [0] * pad,
+                                          lists.positions + lists.positions[:1] * pad,
+                                          lists.slots + [-1] * pad])
+        h["ctx"][:bs] = torch.tensor(ctx)
+        w = self.max_blocks
+        table = [b for blocks in lists.tables + lists.tables[:1] * pad
+                 for b in blocks + [0] * (w - len(blocks))]
+        h["tables"][:bs] = torch.tensor(table).view(bs, w)
+        self.dev.copy_(self.host, non_blocking=True)
+        return ctx
+
+    def forward_batch(self, bs: int, ctx_lens: list[int], num_real: int,
+                      block_tokens: int) -> ForwardBatch:
+        """A ForwardBatch over the static buffers' first bs rows; `ctx_lens` is what `fill`
+        returned."""
+        d = self.dev_views
         return ForwardBatch(d["ids"][:bs], d["positions"][:bs], d["slots"][:bs],
-                            list(range(bs)), [1] * bs, ctx, d["tables"][:bs], block_tokens,
-                            ctx_lens_t=d["ctx"][:bs], num_real=len(lists.ids))
+                            list(range(bs)), [1] * bs, ctx_lens, d["tables"][:bs], block_tokens,
+                            ctx_lens_t=d["ctx"][:bs], num_real=num_real)
 
 
 @dataclass
@@ -125,10 +127,7 @@ class DecodeGraphs:
         """The logits rows `rows` of one decode step (`fits(lists)` must hold)."""
         bs = min(b for b in self.graphs if b >= len(lists.ids))
         cap = self.graphs[bs]
-        self.buffers.fill(lists, bs)
-        pad = bs - len(lists.ids)
-        # The host copy of the context lengths, for backends that plan on the host.
-        cap.fb.ctx_lens = lists.ctx_lens + [lists.ctx_lens[0]] * pad
+        cap.fb.ctx_lens = self.buffers.fill(lists, bs)
         cap.fb.num_real = len(lists.ids)
         self.runner.backend.prepare_graph(cap.fb)
         if cap.graph is None:
@@ -149,8 +148,7 @@ class DecodeGraphs:
         # Captured on a 1-token context in block 0, the KV pool's guard block: always mapped,
         # never allocated; the store is skipped (slot -1), so nothing writes it.
         lists = StepLists([0], [0], [-1], [0], [1], [1], [[0]])
-        self.buffers.fill(lists, bs)
-        fb = self.buffers.forward_batch(bs, lists, self.block_tokens)
+        fb = self.buffers.forward_batch(bs, self.buffers.fill(lists, bs), 1, self.block_tokens)
         self.runner.backend.prepare_graph(fb)
         if not self.capture:
             self.graphs[bs] = _Captured(bs, fb, None, None)

@@ -12,8 +12,7 @@ def test_fill_pads_with_row_zero_and_skipped_slots():
     buf = StaticBuffers(max_bs=4, max_blocks=3, device=torch.device("cpu"))
     lists = StepLists(ids=[11, 12], positions=[5, 9], slots=[21, 37], q_starts=[0, 1],
                       q_lens=[1, 1], ctx_lens=[6, 10], tables=[[2], [4, 7]])
-    buf.fill(lists, bs=4)
-    fb = buf.forward_batch(4, lists, block_tokens=8)
+    fb = buf.forward_batch(4, buf.fill(lists, bs=4), len(lists.ids), block_tokens=8)
     assert fb.input_ids.tolist() == [11, 12, 0, 0]
     assert fb.positions.tolist() == [5, 9, 5, 5]
     assert fb.slot_mapping.tolist() == [21, 37, -1, -1]  # padding never stores K/V
@@ -23,8 +22,8 @@ def test_fill_pads_with_row_zero_and_skipped_slots():
     assert fb.num_real == 2 and fb.q_lens == [1] * 4
 
     # A smaller step reuses the same memory; stale table entries are cleared.
-    buf.fill(StepLists([5], [3], [3], [0], [1], [4], [[1]]), bs=1)
-    fb1 = buf.forward_batch(1, StepLists([5], [3], [3], [0], [1], [4], [[1]]), 8)
+    one = StepLists([5], [3], [3], [0], [1], [4], [[1]])
+    fb1 = buf.forward_batch(1, buf.fill(one, bs=1), 1, 8)
     assert fb1.block_tables.data_ptr() == fb.block_tables.data_ptr()
     assert fb.block_tables[0].tolist() == [1, 0, 0]
     assert fb.input_ids[0].item() == 5
