@@ -10,10 +10,6 @@ crosspool-local, which has the same expert split and sums in the same order.
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 import torch
 
@@ -28,6 +24,7 @@ from sglang_crosspool.engine.core import EngineUnavailable
 from sglang_crosspool.engine.request import EngineRequest
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.testing.checkpoints import ARCHS
+from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
@@ -93,24 +90,14 @@ def test_killed_cuda_ipc_server_ends_requests_with_an_error(tiny_models, ffn_dev
                     ffn_device=ffn_device, disable_cuda_graph=True)
     core = engine.core
     try:
-        params = SamplingParams.from_dict({"max_new_tokens": 50, "ignore_eos": True})
-        states = [core.add_request(EngineRequest(f"r{i}", "qwen2_moe", [1, 2, 3 + i], params))
-                  for i in range(3)]
-        for _ in range(3):
-            core.step()
-        victim = core.ffn.pool.procs[1]
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        start = time.monotonic()
-        while core.has_work() and time.monotonic() - start < 30:
-            core.step()
+        states = kill_ffn_server_mid_run(core, "qwen2_moe", server=1)
         assert not core.has_work()
         for state in states:
             assert state.finish_reason["type"] == "abort"
             assert "FFN server 1" in state.finish_reason["message"]
         assert core.stats()["kv"]["used_pages"] == 0
         with pytest.raises(EngineUnavailable, match="FFN server 1"):
-            core.add_request(EngineRequest("late", "qwen2_moe", [1, 2], params))
+            core.add_request(EngineRequest("late", "qwen2_moe", [1, 2], SamplingParams()))
         # This process's GPU work still runs after the server's death.
         assert (torch.ones(4, device="cuda:0") * 2).sum().item() == 8
     finally:

@@ -3,10 +3,6 @@ only in FFN servers, the layer-wise pipeline, and an FFN server dying mid-reques
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 from crosspool_scheduler import layer_pipeline
 
@@ -16,6 +12,7 @@ from sglang_crosspool.engine.request import EngineRequest
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.models.checkpoint import CheckpointFiles
 from sglang_crosspool.testing.checkpoints import ARCHS
+from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
@@ -142,23 +139,13 @@ def test_killed_ffn_server_ends_requests_with_an_error_and_refuses_new_ones(tiny
                     ffn_transport="shm")
     core = engine.core
     try:
-        params = SamplingParams.from_dict({"max_new_tokens": 50, "ignore_eos": True})
-        states = [core.add_request(EngineRequest(f"r{i}", "qwen2_moe", [1, 2, 3 + i], params))
-                  for i in range(3)]
-        for _ in range(3):
-            core.step()
-        victim = core.ffn.pool.procs[1]
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        start = time.monotonic()
-        while core.has_work() and time.monotonic() - start < 30:
-            core.step()
+        states = kill_ffn_server_mid_run(core, "qwen2_moe", server=1)
         assert not core.has_work()
         for state in states:
             assert state.finish_reason["type"] == "abort"
             assert "FFN server 1" in state.finish_reason["message"]
         assert core.stats()["kv"]["used_pages"] == 0
         with pytest.raises(EngineUnavailable, match="FFN server 1"):
-            core.add_request(EngineRequest("late", "qwen2_moe", [1, 2], params))
+            core.add_request(EngineRequest("late", "qwen2_moe", [1, 2], SamplingParams()))
     finally:
         engine.shutdown()
