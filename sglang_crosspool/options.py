@@ -1,7 +1,8 @@
 """Option values shared by the engine config, the launcher and the planner (no torch import)."""
 
 POOL_MODES = ("static", "monolithic", "crosspool")
-FFN_TRANSPORTS = ("local", "shm", "cuda-ipc", "dist", "nccl")
+# auto: p2p when crosspool's FFN servers sit on another GPU than attention, else local
+FFN_TRANSPORTS = ("auto", "local", "p2p", "shm", "cuda-ipc", "dist", "nccl")
 KV_PAGE_BACKENDS = ("auto", "vmm", "simulated")  # auto: CUDA VMM where supported
 # auto: torch on CPU; on CUDA flashinfer where it imports, else triton (engine/attention.py)
 ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "torch")

@@ -42,6 +42,9 @@ class AttentionBackend(ABC):
 
     # -- CUDA-graph decode (engine/cuda_graph.py) ------------------------------------------
     supports_graphs = False
+    # Whether one graph may hold several micro-batches of a model (each prepared on its own
+    # slice of the static buffers); a backend with per-bucket planner state cannot.
+    graph_microbatches = False
 
     def prepare_graph(self, fb: ForwardBatch) -> None:
         """Like `prepare`, for a decode step run as a captured graph. `fb` holds the graph's
@@ -86,6 +89,7 @@ class TritonAttention(AttentionBackend):
     sequence brings one token, else the extend kernel (which also takes decode rows)."""
 
     supports_graphs = True
+    graph_microbatches = True  # its metadata lives in each ForwardBatch
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype | None = None):

@@ -13,6 +13,12 @@ exceed the largest bucket or whose block tables are wider than the capture are r
 
 `capture=False` runs the same padded static path without graphs: that is how CPU tests check
 the padding and the buffer handling, and how `--disable-cuda-graph` can still be compared.
+
+With FFN servers behind the p2p crossing the graph holds every layer's send and wait too, and
+each replay is announced to the servers (`ffn.begin_step`), which replay their own graph of
+the same plan. With `microbatches=2` a bucket of bs >= 2 rows is captured as two micro-batches
+(rows [0, bs/2) and [bs/2, bs)) in the layer-wise pipeline order, so one micro-batch's
+attention runs while the other's experts run on the FFN servers' GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
-from sglang_crosspool.engine.model_runner import ModelRunner
+from sglang_crosspool.engine.model_runner import MicroBatch, ModelRunner, pipelined_layers
 
 log = logging.getLogger("sglang_crosspool.cuda_graph")
 
@@ -79,19 +85,21 @@ class StaticBuffers:
         return ctx
 
     def forward_batch(self, bs: int, ctx_lens: list[int], num_real: int,
-                      block_tokens: int) -> ForwardBatch:
-        """A ForwardBatch over the static buffers' first bs rows; `ctx_lens` is what `fill`
-        returned."""
-        d = self.dev_views
-        return ForwardBatch(d["ids"][:bs], d["positions"][:bs], d["slots"][:bs],
-                            list(range(bs)), [1] * bs, ctx_lens, d["tables"][:bs], block_tokens,
-                            ctx_lens_t=d["ctx"][:bs], num_real=num_real)
+                      block_tokens: int, start: int = 0) -> ForwardBatch:
+        """A ForwardBatch over the static buffers' rows [start, start + bs); `ctx_lens` is
+        what `fill` returned for those rows."""
+        d, rows = self.dev_views, slice(start, start + bs)
+        return ForwardBatch(d["ids"][rows], d["positions"][rows], d["slots"][rows],
+                            list(range(bs)), [1] * bs, ctx_lens, d["tables"][rows],
+                            block_tokens, ctx_lens_t=d["ctx"][rows], num_real=num_real)
 
 
 @dataclass
 class _Captured:
     bs: int
-    fb: ForwardBatch
+    fbs: list[ForwardBatch]  # one per micro-batch, over consecutive rows
+    plan: tuple  # per micro-batch (model, rows): what the FFN servers are told
+    starts: list[int]  # first row of each micro-batch
     graph: object | None  # torch.cuda.CUDAGraph, None when not capturing
     logits: torch.Tensor | None  # the graph's output [bs, vocab] float32
 
@@ -100,8 +108,10 @@ class DecodeGraphs:
     """One model's captured decode steps."""
 
     def __init__(self, runner: ModelRunner, kv_pool, buckets: list[int], max_blocks: int,
-                 capture: bool = True, pool=None, memory_budget: int | None = None):
+                 capture: bool = True, pool=None, memory_budget: int | None = None,
+                 microbatches: int = 1):
         self.runner = runner
+        self.microbatches = microbatches if runner.backend.graph_microbatches else 1
         self.block_tokens = kv_pool.block_tokens(runner.name)
         self.device = runner.model.device if isinstance(runner.model.device, torch.device) \
             else torch.device(runner.model.device)
@@ -127,16 +137,29 @@ class DecodeGraphs:
         """The logits rows `rows` of one decode step (`fits(lists)` must hold)."""
         bs = min(b for b in self.graphs if b >= len(lists.ids))
         cap = self.graphs[bs]
-        cap.fb.ctx_lens = self.buffers.fill(lists, bs)
-        cap.fb.num_real = len(lists.ids)
-        self.runner.backend.prepare_graph(cap.fb)
+        self._prepare(cap, self.buffers.fill(lists, bs), len(lists.ids))
+        self.runner.ffn.begin_step(cap.plan, graph=cap.graph is not None)
         if cap.graph is None:
-            logits = self.runner.model.logits(self.runner.layers(cap.fb))
+            logits = self._body(cap)
         else:
             cap.graph.replay()
             logits = cap.logits
         self.runs += 1
         return logits[rows]
+
+    def _prepare(self, cap: _Captured, ctx: list[int], num_real: int) -> None:
+        for fb, start in zip(cap.fbs, cap.starts):
+            fb.ctx_lens = ctx[start : start + fb.num_tokens]
+            fb.num_real = max(0, min(num_real - start, fb.num_tokens))
+            self.runner.backend.prepare_graph(fb)
+
+    def _body(self, cap: _Captured) -> torch.Tensor:
+        """The step a graph holds: every layer of the micro-batches, then the logits."""
+        if len(cap.fbs) == 1:
+            return self.runner.model.logits(self.runner.layers(cap.fbs[0]))
+        mbs = [MicroBatch(self.runner, fb, None) for fb in cap.fbs]
+        pipelined_layers(mbs)
+        return self.runner.model.logits(torch.cat([mb.x for mb in mbs]))
 
     # -- capture ----------------------------------------------------------------------------
 
@@ -148,22 +171,33 @@ class DecodeGraphs:
         # Captured on a 1-token context in block 0, the KV pool's guard block: always mapped,
         # never allocated; the store is skipped (slot -1), so nothing writes it.
         lists = StepLists([0], [0], [-1], [0], [1], [1], [[0]])
-        fb = self.buffers.forward_batch(bs, self.buffers.fill(lists, bs), 1, self.block_tokens)
-        self.runner.backend.prepare_graph(fb)
+        ctx = self.buffers.fill(lists, bs)
+        mbs = self.microbatches if bs >= 2 else 1
+        edges = [bs * i // mbs for i in range(mbs + 1)]
+        fbs = [self.buffers.forward_batch(hi - lo, ctx[lo:hi], 1 if lo == 0 else 0,
+                                          self.block_tokens, start=lo)
+               for lo, hi in zip(edges, edges[1:])]
+        cap = _Captured(bs, fbs, tuple((self.runner.name, fb.num_tokens) for fb in fbs),
+                        edges[:-1], None, None)
+        for fb in fbs:
+            self.runner.backend.prepare_graph(fb)
         if not self.capture:
-            self.graphs[bs] = _Captured(bs, fb, None, None)
+            self.graphs[bs] = cap
             return
+        ffn = self.runner.ffn
         before = torch.cuda.memory_reserved(self.device)
         with torch.inference_mode():
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # warm up: compile kernels, settle the allocator
                 for _ in range(2):
-                    self.runner.model.logits(self.runner.layers(fb))
+                    ffn.begin_step(cap.plan)
+                    self._body(cap)
+                    ffn.end_step()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.runner.model.logits(self.runner.layers(fb))
+            with ffn.capture(cap.plan), torch.cuda.graph(graph, pool=self.pool):
+                logits = self._body(cap)
         torch.cuda.synchronize(self.device)
         grown = torch.cuda.memory_reserved(self.device) - before
         if self.memory_budget is not None and self.memory_bytes + grown > self.memory_budget:
@@ -173,8 +207,10 @@ class DecodeGraphs:
             del graph, logits
             return
         self.memory_bytes += grown
-        self.graphs[bs] = _Captured(bs, fb, graph, logits)
+        cap.graph, cap.logits = graph, logits
+        self.graphs[bs] = cap
 
     def stats(self) -> dict:
         return {"buckets": sorted(self.graphs), "captured": self.capture,
+                "microbatches": self.microbatches,
                 "memory_bytes": self.memory_bytes, "runs": self.runs}

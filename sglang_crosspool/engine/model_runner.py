@@ -46,7 +46,7 @@ class ModelRunner:
         x = self.model.embed_tokens(fb.input_ids)
         for i in range(self.num_layers):
             x, h, routing = self.model.attention_block(i, x, fb, self._attend)
-            x = x + self.ffn.forward(self.name, i, h, routing)
+            x = self.ffn.forward_residual(self.name, i, x, h, routing)
         return x
 
     def _attend(self, i: int, q, k, v, fb: ForwardBatch) -> torch.Tensor:
@@ -69,6 +69,14 @@ def forward_pipelined(mbs: list[MicroBatch], timeline: Timeline | None = None):
     """Runs micro-batches in the layer-wise pipeline; returns each one's logits rows."""
     for mb in mbs:
         mb.runner.backend.prepare(mb.fb)
+    pipelined_layers(mbs, timeline)
+    return [mb.runner.model.logits(mb.x[mb.rows]) for mb in mbs]
+
+
+def pipelined_layers(mbs: list[MicroBatch], timeline: Timeline | None = None) -> None:
+    """Embedding and every layer of prepared micro-batches in the pipeline order; leaves each
+    one's hidden states in `mb.x`. Also what a pipelined decode graph captures."""
+    for mb in mbs:
         mb.x = mb.runner.model.embed_tokens(mb.fb.input_ids)
     for op in layer_pipeline([mb.runner.num_layers for mb in mbs]):
         mb = mbs[op.mb]
@@ -79,8 +87,7 @@ def forward_pipelined(mbs: list[MicroBatch], timeline: Timeline | None = None):
         elif op.kind == SUBMIT:
             mb.handle = mb.runner.ffn.submit(mb.runner.name, op.layer, mb.h, mb.routing)
         else:
-            mb.x = mb.x + mb.runner.ffn.wait(mb.handle)
+            mb.x = mb.runner.ffn.wait_residual(mb.handle, mb.x)
             mb.handle = None
         if timeline is not None:
             timeline.add(op, start, time.perf_counter())
-    return [mb.runner.model.logits(mb.x[mb.rows]) for mb in mbs]

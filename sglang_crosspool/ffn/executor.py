@@ -27,6 +27,30 @@ class FFNExecutor(ABC):
     def forward(self, model: str, layer: int, hidden: torch.Tensor, routing: Routing):
         return self.wait(self.submit(model, layer, hidden, routing))
 
+    def wait_residual(self, handle: object, x: torch.Tensor) -> torch.Tensor:
+        """x + the FFN output of a submitted call (a transport may fuse the add)."""
+        return x + self.wait(handle)
+
+    def forward_residual(self, model: str, layer: int, x: torch.Tensor, hidden: torch.Tensor,
+                         routing: Routing) -> torch.Tensor:
+        return self.wait_residual(self.submit(model, layer, hidden, routing), x)
+
+    # -- per step (the p2p crossing announces each step once; others need nothing) ---------
+    supports_graphs = False  # whether a decode step through this executor can be captured
+
+    def begin_step(self, plan, graph: bool = False) -> None:
+        """Before a step's first crossing: per micro-batch (model, tokens), in slot order;
+        `graph` when the step is a replay of graphs captured under `capture(plan)`."""
+
+    def end_step(self) -> None:
+        """After a step's outputs were used; raises FFNServerError if the step failed."""
+
+    def capture(self, plan):
+        """Context manager around the capture of a decode step of `plan`."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         """Releases connections or processes; the in-process executor holds none."""
 
@@ -45,6 +69,8 @@ class LocalFFNExecutor(FFNExecutor):
     A model's FFN may be one half or several expert subsets (crosspool with the `local`
     transport: in-process FFN servers), whose partial outputs are summed.
     """
+
+    supports_graphs = True
 
     def __init__(self, halves: dict[str, FFNHalf | list[FFNHalf]]):
         self.halves = {k: v if isinstance(v, list) else [v] for k, v in halves.items()}

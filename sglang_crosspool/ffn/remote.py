@@ -25,7 +25,14 @@ from sglang_crosspool.ffn.server import FFNServerSpec
 from sglang_crosspool.models.common import Routing
 from sglang_crosspool.transport import messages as m
 from sglang_crosspool.transport.cuda_ipc import IpcLayout
-from sglang_crosspool.transport.links import CudaIpcLink, DistLink, FFNServerError, ShmLink
+from sglang_crosspool.transport.links import (
+    CudaIpcLink,
+    DistLink,
+    FFNServerError,
+    P2PLink,
+    ShmLink,
+)
+from sglang_crosspool.transport.p2p import AttentionEnd, P2PLayout, ShmArena, SymmetricArena
 from sglang_crosspool.transport.shm import ShmLayout
 
 
@@ -35,7 +42,7 @@ class PoolSpec:
     placement: dict  # name -> per server, expert ids
     device: str  # of the FFN servers
     dtype: str
-    transport: str  # "shm" | "cuda-ipc" | "dist" | "nccl"
+    transport: str  # "p2p" | "shm" | "cuda-ipc" | "dist" | "nccl"
     max_tokens: int  # per micro-batch
     hidden: int  # largest hidden size over the models
     max_top_k: int
@@ -44,6 +51,8 @@ class PoolSpec:
     start_timeout_s: float = 300.0
     attention_device: str = "cpu"  # of this process: where outputs land
     echo: dict | None = None  # benchmarks: servers hold no model, FFN(h) = h (name -> hidden)
+    load_format: str = "auto"  # models/checkpoint.open_checkpoint
+    step_timeout_s: float = 10.0  # p2p: bound of every device-side wait
 
     @property
     def servers(self) -> int:
@@ -59,8 +68,13 @@ class FFNServerPool:
         self.procs: list[subprocess.Popen] = []
         self.links = []
         self.ready: list[m.Ready] = []
-        self._dist = spec.transport in ("dist", "nccl")
-        self._backend = "nccl" if spec.transport == "nccl" else spec.dist_backend
+        self.end: AttentionEnd | None = None  # p2p: this side of the crossing
+        self._shm_arena: ShmArena | None = None
+        self._p2p = spec.transport == "p2p"
+        on_cuda = torch.device(spec.attention_device).type == "cuda"
+        # p2p on CUDA: the process group only carries SymmetricMemory's start-up exchange.
+        self._dist = spec.transport in ("dist", "nccl") or (self._p2p and on_cuda)
+        self._backend = "nccl" if spec.transport in ("nccl", "p2p") else spec.dist_backend
         try:
             self._start()
         except BaseException:
@@ -71,6 +85,12 @@ class FFNServerPool:
         spec = self.spec
         world = spec.servers + 1
         init_method = f"tcp://127.0.0.1:{_free_port()}" if self._dist else None
+        p2p = shm_arena = None
+        if self._p2p:
+            p2p = P2PLayout(spec.servers, spec.slots, spec.max_tokens, spec.hidden,
+                            spec.max_top_k, spec.dtype, spec.step_timeout_s)
+            if not self._dist:  # CPU: shared-memory segments, made before the servers start
+                shm_arena = self._shm_arena = ShmArena(p2p, f"cp{self.uid}p", create=True)
         socks = []
         for i in range(spec.servers):
             sock = self.ctx.socket(zmq.PAIR)
@@ -89,19 +109,29 @@ class FFNServerPool:
                 ipc=vars(ipc) if spec.transport == "cuda-ipc" else None,
                 dist={"backend": self._backend, "init_method": init_method,
                       "world_size": world} if self._dist else None,
-                echo=spec.echo)
+                p2p=dict(vars(p2p), shm=shm_arena and f"cp{self.uid}p") if p2p else None,
+                echo=spec.echo, load_format=spec.load_format)
             self.links.append(self._link(sock, i, shm, ipc))
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "sglang_crosspool.ffn.server", server.to_json()]))
         if self._dist:
             import torch.distributed as dist
 
+            extra = {}
+            if self._p2p:
+                extra["device_id"] = _cuda_device(spec.attention_device)
             dist.init_process_group(self._backend, init_method=init_method, rank=0,
-                                    world_size=world)
+                                    world_size=world, **extra)
+        if self._p2p:
+            # NOTE: collective with every server, which builds its arena before loading weights.
+            arena = shm_arena or SymmetricArena(p2p, _cuda_device(spec.attention_device))
+            self.end = AttentionEnd(p2p, arena, spec.attention_device)
         self.ready = [self._await_ready(i, sock) for i, sock in enumerate(socks)]
 
     def _link(self, sock, i: int, shm: ShmLayout, ipc: IpcLayout):
         spec, alive = self.spec, self._alive_check(i)
+        if self._p2p:
+            return P2PLink(sock, i, alive)
         if self._dist:
             return DistLink(sock, i, alive, getattr(torch, spec.dtype), spec.attention_device,
                             self._backend)
@@ -149,12 +179,23 @@ class FFNServerPool:
             link.sock.close(linger=0)
         self.links = []
         self.procs = []
+        if self.end is not None:
+            self.end.close()  # unlinks the CPU arena's segments
+            self.end = None
+        elif self._shm_arena is not None:
+            self._shm_arena.close()
+        self._shm_arena = None
         if self._dist:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
         self.ctx.term()
+
+
+def _cuda_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _free_port() -> int:

@@ -24,11 +24,13 @@ import torch
 import zmq
 
 from sglang_crosspool.config import DTYPES
-from sglang_crosspool.models.checkpoint import CheckpointFiles
+from sglang_crosspool.ffn.p2p_server import serve_steps
+from sglang_crosspool.models.checkpoint import open_checkpoint
 from sglang_crosspool.models.registry import resolve
 from sglang_crosspool.transport import messages as m
 from sglang_crosspool.transport.cuda_ipc import IpcLayout
 from sglang_crosspool.transport.links import CudaIpcEndpoint, DistEndpoint, ShmEndpoint
+from sglang_crosspool.transport.p2p import FFNEnd, P2PLayout, ShmArena, SymmetricArena
 from sglang_crosspool.transport.shm import ShmLayout
 
 log = logging.getLogger("sglang_crosspool.ffn_server")
@@ -47,7 +49,11 @@ class FFNServerSpec:
     shm: dict | None = None  # ShmLayout fields
     ipc: dict | None = None  # IpcLayout fields
     dist: dict | None = None  # backend, init_method, world_size
-    echo: dict | None = None  # benchmarks: model name -> hidden size; no weights, FFN(h) = h
+    p2p: dict | None = None  # P2PLayout fields, and "shm": the CPU arena's name prefix
+    # benchmarks: model name -> hidden size (or p2p: {"hidden", "layers", "top_k"}); no
+    # weights, FFN(h) = h
+    echo: dict | None = None
+    load_format: str = "auto"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -58,7 +64,7 @@ def load_halves(spec: FFNServerSpec) -> tuple[dict, list[str]]:
     halves, keys = {}, []
     for name, path in spec.models.items():
         model_spec, arch = resolve(path)
-        files = CheckpointFiles(path)
+        files = open_checkpoint(path, spec.load_format, spec.device)
         halves[name] = arch.ffn_cls(model_spec, files, torch.device(spec.device),
                                     DTYPES[spec.dtype], experts=spec.experts[name],
                                     with_shared=spec.with_shared)
@@ -69,11 +75,25 @@ def load_halves(spec: FFNServerSpec) -> tuple[dict, list[str]]:
 class EchoFFN:
     """A stand-in FFN half for transport benchmarks: no weights, returns its input."""
 
+    def __init__(self, shape=None):
+        # p2p: the model's shape as the step runner reads it off `spec`
+        if isinstance(shape, dict):
+            self.spec = _EchoSpec(shape["hidden"], shape["layers"], shape["top_k"],
+                                  [shape["top_k"] > 0] * shape["layers"])
+
     def forward(self, layer: int, h: torch.Tensor, routing) -> torch.Tensor:
         return h
 
     def nbytes(self) -> int:
         return 0
+
+
+@dataclass(frozen=True)
+class _EchoSpec:
+    hidden_size: int
+    num_layers: int
+    top_k: int
+    moe_layers: list
 
 
 def serve(spec: FFNServerSpec) -> None:
@@ -87,14 +107,19 @@ def serve(spec: FFNServerSpec) -> None:
     if spec.dist is not None:
         import torch.distributed as dist
 
+        extra = {"device_id": device} if spec.p2p is not None else {}
         dist.init_process_group(spec.dist["backend"], init_method=spec.dist["init_method"],
-                                rank=spec.server_id + 1, world_size=spec.dist["world_size"])
+                                rank=spec.server_id + 1, world_size=spec.dist["world_size"],
+                                **extra)
+    # p2p: the arena first (collective with the attention worker), then the weights.
+    endpoint = _p2p_end(spec, device) if spec.p2p is not None else None
     if spec.echo is not None:
-        halves, keys_read, sizes = {n: EchoFFN() for n in spec.echo}, [], spec.echo
+        halves, keys_read = {n: EchoFFN(shape) for n, shape in spec.echo.items()}, []
+        sizes = {n: s if isinstance(s, int) else s["hidden"] for n, s in spec.echo.items()}
     else:
         halves, keys_read = load_halves(spec)
         sizes = {name: h.spec.hidden_size for name, h in halves.items()}
-    endpoint = _endpoint(spec, sizes)
+    endpoint = endpoint or _endpoint(spec, sizes)
     try:
         if isinstance(endpoint, CudaIpcEndpoint) and not _swap_handles(sock, endpoint):
             return
@@ -102,7 +127,10 @@ def serve(spec: FFNServerSpec) -> None:
         sock.send(m.encode(m.Ready(spec.server_id, os.getpid(), ffn_bytes, tuple(keys_read),
                                   spec.experts)))
         log.info("FFN server %d ready: %d bytes of FFN weights", spec.server_id, ffn_bytes)
-        _loop(sock, endpoint, halves)
+        if isinstance(endpoint, FFNEnd):
+            serve_steps(sock, endpoint, halves, spec.server_id)
+        else:
+            _loop(sock, endpoint, halves)
     finally:
         endpoint.close()
         sock.close(linger=0)
@@ -115,6 +143,14 @@ def _endpoint(spec: FFNServerSpec, sizes: dict[str, int]):
     if spec.transport == "cuda-ipc":
         return CudaIpcEndpoint(IpcLayout(**spec.ipc), spec.device, sizes)
     return DistEndpoint(sizes, DTYPES[spec.dtype], spec.device, spec.dist["backend"])
+
+
+def _p2p_end(spec: FFNServerSpec, device: torch.device) -> FFNEnd:
+    fields = dict(spec.p2p)
+    shm = fields.pop("shm")
+    layout = P2PLayout(**fields)
+    arena = ShmArena(layout, shm, create=False) if shm else SymmetricArena(layout, device)
+    return FFNEnd(layout, arena, spec.server_id, device)
 
 
 def _swap_handles(sock, endpoint: CudaIpcEndpoint) -> bool:

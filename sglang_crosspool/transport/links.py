@@ -24,7 +24,7 @@ from sglang_crosspool.transport.errors import FFNServerError
 from sglang_crosspool.transport.shm import ShmBuffers, ShmLayout
 
 __all__ = ["CudaIpcEndpoint", "CudaIpcLink", "DistEndpoint", "DistLink", "FFNServerError",
-           "ShmEndpoint", "ShmLink"]
+           "P2PLink", "ShmEndpoint", "ShmLink"]
 
 
 class _LinkBase:
@@ -286,3 +286,34 @@ class CudaIpcEndpoint:
     def close(self) -> None:
         self.out = self.sent = None
         self.inputs = self.done = None
+
+
+class P2PLink(_LinkBase):
+    """The `p2p` crossing's control link (transport/p2p.py): a Step message once per step and
+    the capture handshake. The data never passes here, and nothing is awaited per layer."""
+
+    def step(self, msg) -> None:
+        self._control(msg)
+
+    def await_reply(self, timeout_s: float):
+        """The server's next message (Captured or Failed), checking that it stays alive."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(self.POLL_MS):
+                return m.decode(self.sock.recv())
+            self._check_alive()
+        raise FFNServerError(f"FFN server {self.server_id}: no reply within {timeout_s} s")
+
+    def failures(self) -> list[str]:
+        """Failure reports that have arrived (never blocks)."""
+        out = []
+        while self.sock.poll(0):
+            msg = m.decode(self.sock.recv())
+            if isinstance(msg, m.Failed):
+                out.append(msg.message)
+        return out
+
+    def close(self) -> None:
+        pass

@@ -46,6 +46,30 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class Step:
+    """p2p: the next step, once per step instead of a message per layer. `plan` is, per
+    micro-batch (slot = its index), (model, tokens); `graph` says to replay the graph
+    captured for this plan rather than run it eagerly."""
+
+    plan: tuple[tuple[str, int], ...]
+    graph: bool = False
+
+
+@dataclass(frozen=True)
+class Capture:
+    """p2p: capture this plan's step as a CUDA graph (without running it); answered by
+    Captured or Failed."""
+
+    plan: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Captured:
+    server_id: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
