@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from sglang_crosspool.models.checkpoint import LOAD_FORMATS
 from sglang_crosspool.models.config import ModelSpec
 from sglang_crosspool.models.registry import resolve
 from sglang_crosspool.options import (
@@ -58,6 +59,9 @@ class EngineConfig:
     cuda_graph_memory_bytes: int = 4 << 30
     kv_page_backend: str = "auto"  # auto | vmm | simulated (memory/page_backend.make_backend)
     kv_reserve_pages: int = 0  # created KV pages kept unmapped, so new blocks skip creation
+    # auto | safetensors: read the checkpoint files; dummy: random weights made on the device
+    # from config.json alone (models/checkpoint.open_checkpoint)
+    load_format: str = "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -100,6 +104,7 @@ class EngineConfig:
         cuda_graph_memory_bytes: int = 4 << 30,
         kv_page_backend: str = "auto",
         kv_reserve_pages: int | None = None,
+        load_format: str = "auto",
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -122,6 +127,7 @@ class EngineConfig:
         _choice("ffn_transport", ffn_transport, FFN_TRANSPORTS)
         _choice("kv_page_backend", kv_page_backend, KV_PAGE_BACKENDS)
         _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
+        _choice("load_format", load_format, LOAD_FORMATS)
         attention_backend = _attention_backend(attention_backend, device, dtype, entries)
         for key, value in (("ffn_servers", ffn_servers),
                            ("pipeline_microbatches", pipeline_microbatches),
@@ -137,7 +143,8 @@ class EngineConfig:
                    cuda_graph=not disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
                    cuda_graph_memory_bytes=cuda_graph_memory_bytes,
                    kv_page_backend=kv_page_backend,
-                   kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries))
+                   kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries),
+                   load_format=load_format)
 
 
 def _ffn_link(pool_mode: str, transport: str, device: str, ffn_device: str,

@@ -31,6 +31,8 @@ from sglang_crosspool.options import (
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16")
+# models/checkpoint.LOAD_FORMATS, spelled out here so that parsing flags imports no torch.
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16"}
 
 
@@ -55,6 +57,7 @@ class ServerArgs:
     device: str = "cpu"
     dtype: str = "auto"
     context_length: int | None = None
+    load_format: str = "auto"  # dummy: random weights from config.json (no weight files)
     max_running_requests: int = 64
     max_queued_requests: int | None = None
     max_total_tokens: int | None = None
@@ -118,7 +121,8 @@ class ServerArgs:
             ffn_placement=self.ffn_placement, pipeline_microbatches=self.pipeline_microbatches,
             disable_cuda_graph=self.disable_cuda_graph,
             cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
-            kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages)
+            kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages,
+            load_format=self.load_format)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -172,14 +176,15 @@ class ServerArgs:
             raise ServerArgsError(f"--default-model: {default!r} is not one of the served "
                                   f"models ({', '.join(m.name for m in models)})")
         cuda_graph_bs = a.cuda_graph_max_bs_decode or a.cuda_graph_max_bs
-        budget = _kv_budget_bytes(a.device, a.mem_fraction_static, models)
+        budget = _kv_budget_bytes(a.device, a.mem_fraction_static, models, a.load_format, dtype)
         # Created by the launcher; the port, pid and a random tag keep two servers apart.
         ipc_dir = os.path.join(tempfile.gettempdir(), f"sglang_crosspool-{a.port}-{os.getpid()}-"
                                f"{uuid.uuid4().hex[:8]}")
         return cls(
             models=tuple(models), demo_models=demo, host=a.host, port=a.port, api_key=a.api_key,
             log_level=a.log_level, device=a.device, dtype=dtype,
-            context_length=a.context_length, max_running_requests=a.max_running_requests,
+            context_length=a.context_length, load_format=a.load_format,
+            max_running_requests=a.max_running_requests,
             max_queued_requests=a.max_queued_requests, max_total_tokens=a.max_total_tokens,
             chunked_prefill_size=a.chunked_prefill_size,
             mem_fraction_static=a.mem_fraction_static, random_seed=a.random_seed,
@@ -234,20 +239,41 @@ def kv_pages_for_tokens(config, tokens: int) -> int:
     return pages
 
 
-def _kv_budget_bytes(device: str, fraction: float | None, models: list[ModelSource]) -> int:
-    """--mem-fraction-static on CUDA: that share of the device, less the checkpoints' weights."""
+def _kv_budget_bytes(device: str, fraction: float | None, models: list[ModelSource],
+                     load_format: str = "auto", dtype: str = "auto") -> int:
+    """--mem-fraction-static on CUDA: that share of the device, less the checkpoints' weights
+    (with --load-format dummy, the weights config.json implies in the serving dtype)."""
     default = ServerArgs.__dataclass_fields__["kv_budget_bytes"].default
     if fraction is None or not device.startswith("cuda"):
         return default
     import torch
 
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    weights = sum(f.stat().st_size for m in models for f in Path(m.path).glob("*.safetensors"))
+    if load_format == "dummy":
+        weights = _config_weight_bytes(models, "bfloat16" if dtype == "auto" else dtype)
+    else:
+        weights = sum(f.stat().st_size for m in models
+                      for f in Path(m.path).glob("*.safetensors"))
     budget = int(total * fraction) - weights
     if budget <= 0:
         raise ServerArgsError(f"--mem-fraction-static {fraction}: the weights ({weights} bytes) "
                               f"leave no KV budget on {device}")
     return budget
+
+
+def _config_weight_bytes(models: list[ModelSource], dtype: str) -> int:
+    from sglang_crosspool.models.config import CheckpointError
+    from sglang_crosspool.models.registry import resolve
+    from sglang_crosspool.planner.errors import PlanError
+    from sglang_crosspool.planner.weights import model_weights
+
+    weights = 0
+    for m in models:
+        try:
+            weights += model_weights(resolve(m.path)[0], dtype, m.name).total.value
+        except (CheckpointError, PlanError) as e:
+            raise ServerArgsError(f"--load-format dummy: model {m.name!r}: {e}") from None
+    return weights
 
 
 def _resolve_models(a: argparse.Namespace, make_demo: bool) -> tuple[list[ModelSource], bool]:
@@ -353,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model that requests without a model field go to when several are "
                         "served")
     g.add_argument("--context-length", type=int, help="cap on each model's context length")
+    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="auto, safetensors: read the checkpoint's safetensors files; dummy: "
+                        "read only config.json and the tokenizer, and initialise every weight "
+                        "randomly on the device (benchmarks of real shapes without weights)")
     g.add_argument("--config", metavar="FILE",
                    help="YAML file of options (flag names as keys; `models:` a list of "
                         "{name, path}); the command line overrides it")

@@ -35,7 +35,7 @@ from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
 from sglang_crosspool.ffn.factory import make_ffn_executor
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import make_backend
-from sglang_crosspool.models.checkpoint import CheckpointFiles
+from sglang_crosspool.models.checkpoint import open_checkpoint
 from sglang_crosspool.models.registry import get_architecture
 from sglang_crosspool.tokenizer import IncrementalDetokenizer, load_tokenizer
 from sglang_crosspool.transport.errors import FFNServerError
@@ -79,7 +79,7 @@ class EngineCore:
         self.tokenizers = {}
         for entry in self.config.models:
             arch = get_architecture(entry.spec.model_type)
-            files = CheckpointFiles(entry.path)
+            files = open_checkpoint(entry.path, self.config.load_format, self.device)
             dtype = self.config.torch_dtype
             self.attention[entry.name] = arch.attention_cls(entry.spec, files, self.device, dtype)
             self.tokenizers[entry.name] = load_tokenizer(entry.path)

@@ -13,7 +13,7 @@ import torch
 from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
 from sglang_crosspool.ffn.placement import balanced_placement
-from sglang_crosspool.models.checkpoint import CheckpointFiles
+from sglang_crosspool.models.checkpoint import open_checkpoint
 from sglang_crosspool.models.registry import get_architecture
 
 
@@ -40,7 +40,7 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
     halves = {}
     for entry in config.models:
         arch = get_architecture(entry.spec.model_type)
-        files = CheckpointFiles(entry.path)
+        files = open_checkpoint(entry.path, config.load_format, device)
         halves[entry.name] = [
             arch.ffn_cls(entry.spec, files, device, config.torch_dtype, experts=share,
                          with_shared=i == 0)

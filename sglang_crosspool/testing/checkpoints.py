@@ -25,6 +25,9 @@ there (transformers copies the split gate/up halves before writing; fused needs 
 Mixtral-8x7B (93 GB in bf16) and Qwen3-30B-A3B (61 GB) overflow a 64 GB disk, so shrink them with
 an override such as ``num_hidden_layers=8``.
 
+``make_config_only`` writes a folder for ``load_format="dummy"`` instead: a real config.json
+(optionally with fewer layers or other fields changed) and the tokenizer, no weights.
+
 Config spellings are transformers 5's: ``rope_parameters`` instead of ``rope_theta``, and Qwen3-MoE
 configs store ``num_local_experts`` (``num_experts`` is an alias) where published ones say
 ``num_experts``.
@@ -32,6 +35,7 @@ configs store ``num_local_experts`` (``num_experts`` is an alias) where publishe
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -414,6 +418,34 @@ def make_model(
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model, out, num_shards, expert_layout)
     write_tokenizer(out, tokenizer_vocab)
+    return out
+
+
+def make_config_only(
+    out_dir: str | os.PathLike,
+    from_config: str | os.PathLike,
+    num_hidden_layers: int | None = None,
+    **overrides,
+) -> Path:
+    """Write `from_config` (a config.json, or a folder holding one) into out_dir, with
+    num_hidden_layers and other fields overridden, plus the test tokenizer; no weights.
+
+    The folder serves with ``load_format="dummy"``. The tokenizer has at most the config's
+    vocab_size ids (TOKENIZER_VOCAB for real vocabularies), so every id it emits is a row of
+    the embedding; ids it lacks, which a model may generate, decode to nothing.
+    """
+    src = Path(from_config)
+    if src.is_dir():
+        src = src / "config.json"
+    config = json.loads(src.read_text())
+    if num_hidden_layers is not None:
+        overrides["num_hidden_layers"] = num_hidden_layers
+    config.update(overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_old_weights(out)  # a weight file left here would not be used, and would mislead
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tokenizer(out, min(int(config["vocab_size"]), TOKENIZER_VOCAB))
     return out
 
 
