@@ -17,8 +17,16 @@ pays per layer). For reference, `copy` rows time a same-process `copy_` of [T, H
 same way (`copy:1`: GPU 0 -> GPU 1, where there are two), with `gpu_us`, the copy alone as CUDA
 events see it.
 
-Transports and where their server runs: `cuda-ipc` (GPU 0, beside attention), `cuda-ipc:1`
-(GPU 1; added by default where there are two), `shm` (GPU 0; device -> host -> device both
+`p2p` (the FFN server on GPU 1; on CPU, its shared-memory twin) is timed as the engine runs
+it: `--layers` crossings of one step captured in one CUDA graph on each side, one Step message
+per step. `median_us` / `p90_us`: a step of one micro-batch (each crossing waits for the
+previous one), synchronized and divided by the layers; `stream_us`: the same with two
+micro-batches in the pipeline order (back to back); `eager_us`: one crossing as an uncaptured
+one-layer step (Step message, kernel launches from Python, the error read): the per-step
+control cost. The echoed data is checked against the same adds done locally.
+
+Transports and where their server runs: `cuda-ipc` (GPU 0, beside attention; across GPUs it
+is refused: see config),  `shm` (GPU 0; device -> host -> device both
 ways), `nccl` (GPU 1; skipped with a note on one GPU: NCCL cannot join two processes on one
 GPU), `dist` (gloo, staged through host memory), `local` (an in-process call: the floor).
 `--device cpu` runs the CPU transports (a smoke test of this script). Prints a table; writes
@@ -67,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         t0 = time.monotonic()
         try:
-            result["crossings"] += bench_transport(transport, dev, sizes, args)
+            bench = bench_p2p if transport == "p2p" else bench_transport
+            result["crossings"] += bench(transport, dev, sizes, args)
         except Exception as e:  # noqa: BLE001 - record it and measure the others
             traceback.print_exc()
             result["errors"][transport] = f"{type(e).__name__}: {e}"
@@ -91,19 +100,22 @@ def _parse(argv):
     p.add_argument("--device", default="cuda")
     p.add_argument("--iters", type=int, default=300, help="timed crossings per size")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--layers", type=int, default=48, help="p2p: crossings per captured step")
     return p.parse_args(argv)
 
 
 def _defaults(dev: torch.device, gpus: int) -> list[str]:
     if dev.type != "cuda":
-        return ["shm", "dist", "local"]
-    return ["cuda-ipc"] + (["cuda-ipc:1"] if gpus >= 2 else []) + ["shm", "nccl", "local"]
+        return ["p2p", "shm", "dist", "local"]
+    return ["p2p", "cuda-ipc", "shm", "nccl", "local"]
 
 
 def _skip_reason(transport: str, dev: torch.device, gpus: int) -> str | None:
     name = transport.partition(":")[0]
-    if name not in ("cuda-ipc", "shm", "nccl", "dist", "local"):
+    if name not in ("p2p", "cuda-ipc", "shm", "nccl", "dist", "local"):
         raise SystemExit(f"unknown transport {transport!r}")
+    if name == "p2p" and dev.type == "cuda" and gpus < 2:
+        return "needs 2 GPUs (p2p spins on device flags: the FFN server needs its own GPU)"
     if name in ("cuda-ipc", "nccl") and dev.type != "cuda":
         return "needs CUDA"
     if (name == "nccl" or transport.endswith(":1")) and gpus < 2:
@@ -159,6 +171,89 @@ def bench_transport(transport: str, dev: torch.device, sizes, args) -> list[dict
     finally:
         if pool is not None:
             pool.close()
+    return rows
+
+
+def bench_p2p(transport: str, dev: torch.device, sizes, args) -> list[dict]:
+    from crosspool_scheduler.pipeline import SUBMIT, layer_pipeline
+
+    from sglang_crosspool.ffn.p2p_executor import P2PFFNExecutor
+    from sglang_crosspool.ffn.remote import FFNServerPool, PoolSpec
+
+    layers = args.layers
+    hiddens = sorted({h for _, h in sizes})
+    echo = {f"h{h}": {"hidden": h, "layers": layers, "top_k": TOP_K} for h in hiddens}
+    echo |= {f"h{h}x1": {"hidden": h, "layers": 1, "top_k": TOP_K} for h in hiddens}
+    spec = PoolSpec(
+        models={}, placement={name: [[0]] for name in echo},
+        device="cuda:1" if dev.type == "cuda" else "cpu", dtype=args.dtype, transport="p2p",
+        max_tokens=max(t for t, _ in sizes), hidden=max(hiddens), max_top_k=TOP_K, slots=SLOTS,
+        start_timeout_s=120, attention_device=str(dev), echo=echo)
+    ex = P2PFFNExecutor(FFNServerPool(spec), {n: e["layers"] for n, e in echo.items()})
+    cuda = dev.type == "cuda"
+    rows = []
+
+    def step_body(model, mbs, x, h, routing):
+        """The crossings of one step in the pipeline order; returns each micro-batch's x."""
+        xs, handles = [x] * mbs, [None] * mbs
+        for op in layer_pipeline([echo[model]["layers"]] * mbs):
+            if op.kind == SUBMIT:
+                handles[op.mb] = ex.submit(model, op.layer, h, routing)
+            elif op.kind != "attention":
+                xs[op.mb] = ex.wait_residual(handles[op.mb], xs[op.mb])
+        return xs
+
+    try:
+        for tokens, hidden in sizes:
+            x, h, routing = _inputs(tokens, hidden, dev, args.dtype)
+            x.normal_()
+            model = f"h{hidden}"
+            expect = x.clone()
+            for _ in range(layers):
+                expect = expect + h
+            row = {"transport": transport, "tokens": tokens, "hidden": hidden, "layers": layers}
+            for mbs, key in ((1, "single"), (2, "stream")):
+                plan = [(model, tokens)] * mbs
+                for _ in range(2):  # warm-up: compiles both sides' kernels
+                    ex.begin_step(plan)
+                    out = step_body(model, mbs, x, h, routing)
+                    ex.end_step()
+                row[f"{key}_data_ok"] = all(bool(torch.equal(o, expect)) for o in out)
+                run = None
+                if cuda:
+                    graph = torch.cuda.CUDAGraph()
+                    with ex.capture(plan), torch.cuda.graph(graph):
+                        out = step_body(model, mbs, x, h, routing)
+
+                    def run(graph=graph, plan=plan):
+                        ex.begin_step(plan, graph=True)
+                        graph.replay()
+                        ex.end_step()
+                else:
+                    def run(plan=plan, mbs=mbs):
+                        ex.begin_step(plan)
+                        step_body(model, mbs, x, h, routing)
+                        ex.end_step()
+                us = [t / (layers * mbs) for t in _latencies(run, dev, args.iters // 10 or 1,
+                                                             3)]
+                row[f"{key}_data_ok"] &= all(bool(torch.equal(o, expect)) for o in out)
+                if key == "single":
+                    row.update(_summary(us))
+                else:
+                    row["stream_us"] = round(statistics.median(us), 2)
+            one = f"h{hidden}x1"
+
+            def eager(one=one):
+                ex.begin_step([(one, tokens)])
+                x.copy_(ex.wait_residual(ex.submit(one, 0, h, routing), x))
+                ex.end_step()
+
+            row["eager_us"] = _summary(_latencies(eager, dev, args.iters, args.warmup))[
+                "median_us"]
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    finally:
+        ex.close()
     return rows
 
 
@@ -241,12 +336,13 @@ def _print_table(result: dict) -> None:
     print(f"{result['device']}, torch {result['torch']}, {result['dtype']}, top-k {TOP_K}, "
           f"{result['iters']} crossings per row; us per crossing")
     print(f"{'transport':<12}{'tokens':>7}{'hidden':>7}{'median':>10}{'p90':>10}"
-          f"{'stream':>10}{'gpu':>10}")
+          f"{'stream':>10}{'gpu':>10}{'eager':>10}")
     for row in result["crossings"] + result["copies"]:
         print(f"{row['transport']:<12}{row['tokens']:>7}{row['hidden']:>7}"
               f"{row['median_us']:>10.1f}{row['p90_us']:>10.1f}"
               f"{row.get('stream_us', float('nan')):>10.1f}"
-              f"{row.get('gpu_us', float('nan')):>10.1f}")
+              f"{row.get('gpu_us', float('nan')):>10.1f}"
+              f"{row.get('eager_us', float('nan')):>10.1f}")
     for transport, reason in result["skipped"].items():
         print(f"skipped {transport}: {reason}")
     for transport, error in result["errors"].items():

@@ -47,7 +47,7 @@ class EngineConfig:
     random_seed: int
     pool_mode: str  # static | monolithic | crosspool
     ffn_servers: int  # crosspool: processes in the weights pool
-    ffn_transport: str  # crosspool: local | shm | cuda-ipc | dist | nccl
+    ffn_transport: str  # crosspool: local | p2p | shm | cuda-ipc | dist | nccl
     ffn_device: str  # crosspool: where FFN servers put their weights
     dist_backend: str  # ffn_transport="dist": gloo (CPU) or nccl (GPU); "nccl": always nccl
     pipeline_microbatches: int  # micro-batches in flight per step (layer-wise pipeline)
@@ -56,6 +56,7 @@ class EngineConfig:
     # captured at start-up while their memory stays within cuda_graph_memory_bytes.
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 32
+    cuda_graph_bs: tuple[int, ...] | None = None  # the buckets exactly (SGLang's --cuda-graph-bs)
     cuda_graph_memory_bytes: int = 4 << 30
     kv_page_backend: str = "auto"  # auto | vmm | simulated (memory/page_backend.make_backend)
     kv_reserve_pages: int = 0  # created KV pages kept unmapped, so new blocks skip creation
@@ -94,13 +95,14 @@ class EngineConfig:
         random_seed: int = 0,
         pool_mode: str = "monolithic",
         ffn_servers: int = 1,
-        ffn_transport: str = "local",
+        ffn_transport: str = "auto",
         ffn_device: str | None = None,
         dist_backend: str | None = None,
         pipeline_microbatches: int = 1,
         ffn_placement=None,
         disable_cuda_graph: bool = False,
         cuda_graph_max_bs: int = 32,
+        cuda_graph_bs=None,
         cuda_graph_memory_bytes: int = 4 << 30,
         kv_page_backend: str = "auto",
         kv_reserve_pages: int | None = None,
@@ -135,16 +137,36 @@ class EngineConfig:
             if value < 1:
                 raise ValueError(f"{key}: must be >= 1, got {value}")
         ffn_device = ffn_device or device
+        ffn_transport = _auto_transport(ffn_transport, pool_mode, device, ffn_device)
         dist_backend = _ffn_link(pool_mode, ffn_transport, device, ffn_device, dist_backend)
+        if pool_mode == "crosspool" and ffn_transport == "p2p" and ffn_servers > 1 \
+                and torch.device(ffn_device).type == "cuda":
+            # NOTE: two processes spinning on one GPU are time-sliced, not run side by side.
+            raise ValueError(f"ffn_transport: 'p2p' needs one FFN server per GPU, and "
+                             f"ffn_device={ffn_device!r} holds all {ffn_servers}; use "
+                             f"ffn_servers=1 (on CPU any number works)")
         return cls(tuple(entries), device, dtype, max_running_requests, chunked_prefill_size,
                    kv_page_bytes, kv_pages, kv_budget_bytes, attention_backend, random_seed,
                    pool_mode, ffn_servers, ffn_transport, ffn_device, dist_backend,
                    pipeline_microbatches, _placement(ffn_placement, names, ffn_servers),
                    cuda_graph=not disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
+                   cuda_graph_bs=_graph_sizes(cuda_graph_bs),
                    cuda_graph_memory_bytes=cuda_graph_memory_bytes,
                    kv_page_backend=kv_page_backend,
                    kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries),
                    load_format=load_format)
+
+
+def _auto_transport(transport: str, pool_mode: str, device: str, ffn_device: str) -> str:
+    """`auto`: the p2p crossing when crosspool's FFN servers run on another GPU than
+    attention; otherwise the in-process `local` one."""
+    if transport != "auto":
+        return transport
+    attn, ffn = torch.device(device), torch.device(ffn_device)
+    if (pool_mode == "crosspool" and attn.type == ffn.type == "cuda"
+            and (attn.index or 0) != (ffn.index or 0)):
+        return "p2p"
+    return "local"
 
 
 def _ffn_link(pool_mode: str, transport: str, device: str, ffn_device: str,
@@ -164,6 +186,21 @@ def _ffn_link(pool_mode: str, transport: str, device: str, ffn_device: str,
     if transport == "cuda-ipc" and on_cpu:
         raise ValueError(f"ffn_transport: 'cuda-ipc' shares CUDA memory between processes and "
                          f"needs CUDA devices on both sides ({where}); on CPU use 'shm'")
+    if transport == "cuda-ipc" and (attn.index or 0) != (ffn.index or 0):
+        # NOTE: retired across GPUs: torch's IPC reopens a buffer on the exporter's device
+        # index, and the server on GPU 1 crashed (SIGSEGV) on 2xH200. 'p2p' is that path.
+        raise ValueError(f"ffn_transport: 'cuda-ipc' works only with the FFN servers on the "
+                         f"attention GPU ({where}); across GPUs use 'p2p'")
+    if transport == "p2p" and attn.type == "cuda":
+        if ffn.type != "cuda":
+            raise ValueError(f"ffn_transport: 'p2p' on CUDA needs the FFN servers on a GPU "
+                             f"({where})")
+        if (attn.index or 0) == (ffn.index or 0):
+            raise ValueError(f"ffn_transport: 'p2p' spins on device flags, which needs the FFN "
+                             f"servers on another GPU than attention ({where}); put them on "
+                             f"ffn_device='cuda:1' or use 'local' on one GPU")
+    if transport == "p2p" and attn.type != ffn.type:
+        raise ValueError(f"ffn_transport: 'p2p' needs both sides on CUDA or both on CPU ({where})")
     if transport in ("dist", "nccl") and backend == "nccl":
         if on_cpu:
             raise ValueError(f"ffn_transport: NCCL needs CUDA devices on both sides ({where}); "
@@ -181,6 +218,15 @@ def _attention_backend(name: str, device: str, dtype: str, entries: list[ModelEn
 
     return resolve_attention_backend(name, device, DTYPES[dtype],
                                      [entry.spec.head_dim for entry in entries])
+
+
+def _graph_sizes(sizes) -> tuple[int, ...] | None:
+    if sizes is None:
+        return None
+    sizes = tuple(sorted({int(b) for b in sizes}))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"cuda_graph_bs: batch sizes must be >= 1, got {sizes}")
+    return sizes
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

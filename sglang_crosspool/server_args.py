@@ -69,7 +69,7 @@ class ServerArgs:
     cuda_graph_max_bs_decode: int | None = None
     pool_mode: str = "monolithic"
     ffn_servers: int = 1
-    ffn_transport: str = "local"
+    ffn_transport: str = "auto"
     ffn_device: str | None = None  # crosspool: where FFN servers run (default: --device)
     ffn_placement: tuple | None = None  # from --plan: ((model, ((expert ids), ...)), ...)
     pipeline_microbatches: int = 1
@@ -447,15 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights in a separate weights pool (see --ffn-servers)")
     g.add_argument("--ffn-servers", type=int, default=1,
                    help="crosspool: FFN servers in the weights pool, experts sharded over them")
-    g.add_argument("--ffn-transport", default="local", choices=FFN_TRANSPORTS,
+    g.add_argument("--ffn-transport", default="auto", choices=FFN_TRANSPORTS,
                    help="crosspool: how hidden states reach the FFN servers (local: in this "
-                        "process; shm, dist (gloo), cuda-ipc (GPUs of one host), nccl: FFN "
-                        "server processes)")
+                        "process; p2p: peer stores and device flags, control once a step, "
+                        "decode as CUDA graphs on both sides (GPUs of one host; shared "
+                        "memory on CPU); shm, dist (gloo), cuda-ipc, nccl: a message per "
+                        "layer; auto (default): p2p when --ffn-device is another GPU, else "
+                        "local)")
     g.add_argument("--ffn-device", default=None, metavar="DEVICE",
                    help="crosspool: the device of the FFN servers, e.g. cuda:1 with attention "
                         "on cuda:0 (default: --device)")
 
-    g = p.add_argument_group("CUDA graphs (on CUDA; FFN in process)")
+    g = p.add_argument_group("CUDA graphs (on CUDA; FFN in process or over p2p)")
     g.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly")
     g.add_argument("--cuda-graph-max-bs-decode", type=int, metavar="N",
                    help="largest decode batch captured in a graph (default: 32)")

@@ -119,11 +119,15 @@ class EngineCore:
         self.graphs: dict[str, DecodeGraphs] = {}
         if not cfg.cuda_graph or self.device.type != "cuda":
             return
-        if not isinstance(self.ffn, LocalFFNExecutor):
-            log.info("FFN servers are processes: decode steps run eagerly, without CUDA graphs")
+        if not self.ffn.supports_graphs:
+            log.info("FFN transport %s cannot be captured: decode steps run eagerly",
+                     cfg.ffn_transport)
             return
+        # Two micro-batches in one graph pay only where the FFN runs elsewhere (p2p).
+        microbatches = 1 if isinstance(self.ffn, LocalFFNExecutor) else cfg.pipeline_microbatches
         pool = torch.cuda.graph_pool_handle()
-        buckets = graph_buckets(min(cfg.cuda_graph_max_bs, cfg.max_running_requests))
+        buckets = [b for b in cfg.cuda_graph_bs or () if b <= cfg.max_running_requests] or \
+            graph_buckets(min(cfg.cuda_graph_max_bs, cfg.max_running_requests))
         budget = cfg.cuda_graph_memory_bytes
         for entry in cfg.models:
             runner = self.runners[entry.name]
@@ -134,7 +138,8 @@ class EngineCore:
             max_blocks = -(-entry.context_length // self.kv_pool.block_tokens(entry.name))
             spent = sum(g.memory_bytes for g in self.graphs.values())
             self.graphs[entry.name] = DecodeGraphs(runner, self.kv_pool, buckets, max_blocks,
-                                                   pool=pool, memory_budget=budget - spent)
+                                                   pool=pool, memory_budget=budget - spent,
+                                                   microbatches=microbatches)
             log.info("%s: decode graphs for batch sizes %s", entry.name,
                      self.graphs[entry.name].stats()["buckets"])
 
@@ -228,9 +233,14 @@ class EngineCore:
         distinct models, else one model's batch split - run in the layer-wise pipeline.
         """
         depth = self.config.pipeline_microbatches
-        batches = _split(self.scheduler.schedule_many(depth), depth)
+        batches = self.scheduler.schedule_many(depth)
         if not batches:
             return []
+        # Decode batches that (pipelined) graphs hold run whole, one graph step each;
+        # otherwise they are split into micro-batches here and pipelined eagerly.
+        graphed = all(self._graph_for(batch) is not None for batch in batches)
+        if not graphed:
+            batches = _split(batches, depth)
         lists, rows, plans = [], [], []
         for batch in batches:
             step = StepLists.from_batch(batch, self.kv_pool.block_tokens(batch.model))
@@ -239,14 +249,19 @@ class EngineCore:
             rows.append(batch_rows)
             plans.append(batch_plans)
         try:
-            if len(batches) == 1:
-                logits = [self._forward_one(batches[0].model, lists[0], rows[0])]
+            if len(batches) == 1 or graphed:
+                logits = []
+                for batch, step, batch_rows in zip(batches, lists, rows):
+                    logits.append(self._forward_one(batch.model, step, batch_rows))
+                    self.ffn.end_step()
             else:
                 mbs = [MicroBatch(self.runners[b.model], self._forward_batch(b.model, step),
                                   self._rows_tensor(r)) for b, step, r in zip(batches, lists, rows)]
+                self.ffn.begin_step([(b.model, len(step.ids)) for b, step in zip(batches, lists)])
                 timeline = Timeline()
                 logits = forward_pipelined(mbs, timeline)
                 self._record_pipeline(timeline)
+                self.ffn.end_step()
         except FFNServerError as e:
             return self._fail_all(f"the weights pool failed: {e}")
         done = []
@@ -255,11 +270,18 @@ class EngineCore:
             done += [p.state for p in batch_plans if self._postprocess(p, batch_logits)]
         return done
 
+    def _graph_for(self, batch: Batch) -> DecodeGraphs | None:
+        graphs = self.graphs.get(batch.model)
+        if graphs is None or not all(seq.length == 1 for seq in batch.seqs):
+            return None
+        return graphs if len(batch.seqs) <= graphs.max_bs else None
+
     def _forward_one(self, model: str, step: StepLists, rows: list[int]) -> torch.Tensor:
         graphs = self.graphs.get(model)
         if graphs is not None and graphs.fits(step):
             return graphs.run(step, rows)
         fb = self._forward_batch(model, step)
+        self.ffn.begin_step([(model, len(step.ids))])
         return self.runners[model].forward(fb, self._rows_tensor(rows))
 
     def _forward_batch(self, model: str, step: StepLists) -> ForwardBatch:

@@ -28,13 +28,21 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
         # Imported here: ZeroMQ is needed only when FFN servers are processes.
         from sglang_crosspool.ffn.remote import FFNServerPool, PoolSpec, RemoteFFNExecutor
 
+        # A step's tokens: a prefill chunk, or a decode batch padded to its graph bucket.
+        max_tokens = max(config.chunked_prefill_size, *(config.cuda_graph_bs or ()),
+                         min(config.cuda_graph_max_bs, config.max_running_requests))
         spec = PoolSpec(
             models={m.name: m.path for m in config.models}, placement=placement,
             device=config.ffn_device, dtype=config.dtype, transport=config.ffn_transport,
-            max_tokens=config.chunked_prefill_size,
-            hidden=max(m.spec.hidden_size for m in config.models),
+            max_tokens=max_tokens, hidden=max(m.spec.hidden_size for m in config.models),
             max_top_k=max(m.spec.top_k for m in config.models), dist_backend=config.dist_backend,
-            slots=max(2, config.pipeline_microbatches), attention_device=config.device)
+            slots=max(2, config.pipeline_microbatches), attention_device=config.device,
+            load_format=config.load_format)
+        if config.ffn_transport == "p2p":
+            from sglang_crosspool.ffn.p2p_executor import P2PFFNExecutor
+
+            layers = {m.name: m.spec.num_layers for m in config.models}
+            return P2PFFNExecutor(FFNServerPool(spec), layers)
         return RemoteFFNExecutor(FFNServerPool(spec))
     device = torch.device(config.ffn_device)
     halves = {}

@@ -49,7 +49,9 @@ class P2PFFNExecutor(FFNExecutor):
         if self.broken:
             raise FFNServerError(self.broken)
         self.plan = tuple((model, int(tokens)) for model, tokens in plan)
-        self._order = deque(crossing_order([self.layers[model] for model, _ in self.plan]))
+        # A replay makes its crossings on the device: the host checks the eager ones only.
+        self._order = deque() if graph else deque(
+            crossing_order([self.layers[model] for model, _ in self.plan]))
         try:
             for link in self.links:
                 link.step(m.Step(self.plan, graph))
@@ -122,6 +124,16 @@ class P2PFFNExecutor(FFNExecutor):
         return "; ".join(parts)
 
     def _break(self, message: str):
+        """The link is unusable from now on: stop every live server's device waits too."""
+        from crosspool_kernels.crossing import ERR_FAILED
+
+        if self.broken is None:
+            for j, link in enumerate(self.links):
+                if link.alive() is None:
+                    try:
+                        self.end.set_error(ERR_FAILED + j, j + 1)
+                    except Exception:  # noqa: BLE001 - best effort on a failing link
+                        pass
         self.broken = message
         raise FFNServerError(message)
 

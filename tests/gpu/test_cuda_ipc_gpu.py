@@ -1,9 +1,10 @@
 """FFN servers as processes on a CUDA GPU: the cuda-ipc transport (and shm staged through the
 host, and nccl where there are two GPUs) gives monolithic's greedy tokens on the same GPU, and
-a killed FFN server ends requests with an error, as on CPU.
+a killed FFN server ends requests with an error, as on CPU. cuda-ipc across GPUs is refused
+(the p2p transport is that path: test_p2p_gpu.py).
 
 Marked `gpu`; skipped without CUDA or pyzmq. Attention runs on GPU 0; FFN servers on GPU 0
-beside it, and on GPU 1 too where there is one. Exact comparisons run in float32 with decode
+beside it (nccl: on GPU 1). Exact comparisons run in float32 with decode
 graphs off everywhere (so every run takes the same eager kernels); bf16 is compared with
 crosspool-local, which has the same expert split and sums in the same order.
 """
@@ -29,7 +30,7 @@ from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
 TWO_GPUS = torch.cuda.device_count() >= 2
-FFN_GPUS = ["cuda:0", "cuda:1"] if TWO_GPUS else ["cuda:0"]
+FFN_GPUS = ["cuda:0"]
 needs_two = pytest.mark.skipif(not TWO_GPUS, reason="needs 2 GPUs")
 
 
@@ -81,6 +82,13 @@ def test_cuda_ipc_in_bf16_matches_the_same_split_in_process(paths, ffn_device):
                         ffn_transport="cuda-ipc", ffn_device=ffn_device,
                         pipeline_microbatches=2)
     assert remote == local
+
+
+@needs_two
+def test_cuda_ipc_across_gpus_is_refused_with_a_pointer_to_p2p(paths):
+    with pytest.raises(ValueError, match="across GPUs use 'p2p'"):
+        Engine(paths[0], device="cuda:0", pool_mode="crosspool", ffn_transport="cuda-ipc",
+               ffn_device="cuda:1")
 
 
 @pytest.mark.parametrize("ffn_device", FFN_GPUS)

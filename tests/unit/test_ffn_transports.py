@@ -36,12 +36,28 @@ def test_cuda_ipc_is_refused_off_cuda(path, devices):
         crosspool(path, ffn_transport="cuda-ipc", **devices)
 
 
-def test_cuda_ipc_on_cuda_builds_on_one_gpu_or_two(path):
+def test_cuda_ipc_builds_on_one_gpu_and_is_refused_across_gpus(path):
     # Building a config touches no GPU, so this runs on CPU machines too.
-    for ffn_device in (None, "cuda:0", "cuda:1"):
+    for ffn_device in (None, "cuda:0"):
         config = crosspool(path, ffn_transport="cuda-ipc", device="cuda", ffn_device=ffn_device)
         assert config.ffn_transport == "cuda-ipc"
         assert config.ffn_device == (ffn_device or "cuda")
+    with pytest.raises(ValueError, match="across GPUs use 'p2p'"):
+        crosspool(path, ffn_transport="cuda-ipc", device="cuda", ffn_device="cuda:1")
+
+
+def test_p2p_is_the_default_across_gpus_and_needs_a_gpu_per_server(path):
+    config = crosspool(path, device="cuda:0", ffn_device="cuda:1")
+    assert config.ffn_transport == "p2p"
+    assert crosspool(path, device="cuda:0").ffn_transport == "local"
+    assert crosspool(path).ffn_transport == "local"  # CPU: in process unless asked
+    with pytest.raises(ValueError, match="another GPU than attention"):
+        crosspool(path, ffn_transport="p2p", device="cuda:0", ffn_device="cuda:0")
+    with pytest.raises(ValueError, match="one FFN server per GPU"):
+        crosspool(path, ffn_transport="p2p", device="cuda:0", ffn_device="cuda:1",
+                  ffn_servers=2)
+    with pytest.raises(ValueError, match="both sides on CUDA or both on CPU"):
+        crosspool(path, ffn_transport="p2p", device="cpu", ffn_device="cuda:1")
 
 
 def test_nccl_is_refused_on_cpu_and_points_to_dist(path):
