@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_AZURE = REPO.parent / "shared" / "traces" / "azure2023"
+DEFAULT_AZURE = REPO / "benchmark" / "data" / "azure2023"  # CC BY 4.0: see its README
 AZURE_FILES = {"code": "AzureLLMInferenceTrace_code.csv", "conv": "AzureLLMInferenceTrace_conv.csv"}
 FIRST_ID = 10  # prompt ids start here, past the usual special tokens
 

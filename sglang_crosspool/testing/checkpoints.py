@@ -165,7 +165,7 @@ SIZES: dict[str, dict[str, dict]] = {
             "rope_parameters": _rope(1e4),
         },
     },
-    # Shapes copied from the published config.json files (see /work/shared/model-configs).
+    # Shapes copied from the published config.json files (tests/data/model-configs holds them).
     "olmoe-1b-7b": {
         "olmoe": {
             "vocab_size": 50304,
