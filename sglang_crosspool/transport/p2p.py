@@ -161,7 +161,11 @@ def _untrack(seg) -> None:
 class SymmetricArena:
     """CUDA: the arena from torch SymmetricMemory over the default process group, which the
     attention worker and its servers form (rank 0 and j + 1). Collective: every rank calls it
-    once, at start-up, before any graph capture."""
+    once, at start-up, before any graph capture.
+
+    NOTE: one p2p pool per process on CUDA. On torch 2.11 a second rendezvous after the process
+    group was destroyed and made again hung (2xH200); a server holds one pool for its life, and
+    tests and benchmarks make each p2p engine in its own process."""
 
     def __init__(self, layout: P2PLayout, device: torch.device):
         import torch.distributed as dist
@@ -169,11 +173,15 @@ class SymmetricArena:
 
         group = dist.group.WORLD.group_name
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:
-            try:
-                enable(group)
-            except Exception:  # noqa: BLE001 - newer torch needs no enabling
-                pass
+        if enable is not None:  # older torch needs it; newer warns that it is not needed
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                try:
+                    enable(group)
+                except Exception:  # noqa: BLE001 - newer torch needs no enabling
+                    pass
         own = symm_mem.empty(layout.nbytes, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(own, group)
         own.zero_()
