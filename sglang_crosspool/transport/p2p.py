@@ -158,6 +158,9 @@ def _untrack(seg) -> None:
         pass
 
 
+_SYMMETRIC_ARENAS = 0  # made in this process
+
+
 class SymmetricArena:
     """CUDA: the arena from torch SymmetricMemory over the default process group, which the
     attention worker and its servers form (rank 0 and j + 1). Collective: every rank calls it
@@ -171,6 +174,11 @@ class SymmetricArena:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
+        global _SYMMETRIC_ARENAS
+        if _SYMMETRIC_ARENAS:  # fail at once rather than hang in the rendezvous
+            raise RuntimeError("a process makes one p2p pool on CUDA (torch's SymmetricMemory "
+                               "rendezvous hung on a second one); start another process")
+        _SYMMETRIC_ARENAS += 1
         group = dist.group.WORLD.group_name
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is not None:  # older torch needs it; newer warns that it is not needed

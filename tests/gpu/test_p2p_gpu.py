@@ -8,8 +8,10 @@ graphs on both sides with one Step message per step.
 - a server killed during captured decode steps ends the requests with an error naming it
   within seconds, and the engine refuses new work (503 in the server).
 
-One FFN server (p2p takes a GPU per server; several servers are covered on CPU). Marked
-`gpu`; skipped without two GPUs or pyzmq.
+One FFN server (p2p takes a GPU per server; several servers are covered on CPU). A process
+makes one p2p pool on CUDA, so run one test per process, as `benchmark/p2p_gpu_run.sh`
+(STAGE=final) does; a second pool in one process fails with a message saying so. Marked `gpu`;
+skipped without two GPUs or pyzmq.
 """
 
 from __future__ import annotations
