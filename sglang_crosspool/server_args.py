@@ -79,6 +79,9 @@ class ServerArgs:
     kv_page_backend: str = "auto"
     kv_reserve_pages: int | None = None  # None: the engine config's default
     skip_server_warmup: bool = False
+    max_n: int = 128  # samples per prompt (`n`); OpenAI's own bound
+    max_request_bytes: int = 32 << 20  # larger bodies get 413
+    shutdown_timeout: float = 5.0  # seconds in-flight requests get on SIGTERM/SIGINT
     default_model: str | None = None
     ipc_dir: str = ""  # a fresh folder per server: the ZeroMQ socket files live here
     launch_argv: tuple[str, ...] = field(default_factory=tuple)
@@ -160,9 +163,12 @@ class ServerArgs:
                             ("--context-length", a.context_length),
                             ("--max-queued-requests", a.max_queued_requests),
                             ("--ffn-servers", a.ffn_servers),
-                            ("--pipeline-microbatches", a.pipeline_microbatches)):
+                            ("--pipeline-microbatches", a.pipeline_microbatches),
+                            ("--max-n", a.max_n), ("--max-request-bytes", a.max_request_bytes)):
             if value is not None and value < 1:
                 raise ServerArgsError(f"{flag}: must be >= 1, got {value}")
+        if not a.shutdown_timeout >= 0:
+            raise ServerArgsError(f"--shutdown-timeout: must be >= 0, got {a.shutdown_timeout}")
         if a.kv_reserve_pages is not None and a.kv_reserve_pages < 0:
             raise ServerArgsError(f"--kv-reserve-pages: must be >= 0, got {a.kv_reserve_pages}")
         if a.kv_pages is not None and a.max_total_tokens is not None:
@@ -195,7 +201,9 @@ class ServerArgs:
             ffn_placement=plan, pipeline_microbatches=a.pipeline_microbatches,
             kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
-            skip_server_warmup=a.skip_server_warmup, default_model=default, ipc_dir=ipc_dir,
+            skip_server_warmup=a.skip_server_warmup, max_n=a.max_n,
+            max_request_bytes=a.max_request_bytes, shutdown_timeout=a.shutdown_timeout,
+            default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
 
 
@@ -395,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging level")
     g.add_argument("--skip-server-warmup", action="store_true",
                    help="do not run one token per model before reporting ready")
+    g.add_argument("--max-n", type=int, default=128, metavar="N",
+                   help="most samples (`n`) per prompt; more is a 400")
+    g.add_argument("--max-request-bytes", type=int, default=32 << 20, metavar="BYTES",
+                   help="largest request body; larger ones get 413")
+    g.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM or SIGINT: how long requests in flight may finish before "
+                        "they end with an error")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -209,12 +209,17 @@ class EngineCore:
         self.states[req.rid] = state
         return state
 
-    def abort(self, rid: str, message: str = "aborted") -> RequestState | None:
+    def abort(self, rid: str, message: str = "aborted",
+              status_code: int | None = None) -> RequestState | None:
+        """Ends a request; `status_code` marks an error of the server (a client's abort has
+        none), which the APIs answer with that HTTP status."""
         state = self.states.pop(rid, None)
         if state is None:
             return None
         self.scheduler.abort(rid)
         state.finish_reason = {"type": "abort", "message": message}
+        if status_code is not None:
+            state.finish_reason["status_code"] = status_code
         return state
 
     def has_work(self) -> bool:
@@ -264,10 +269,20 @@ class EngineCore:
                 self.ffn.end_step()
         except FFNServerError as e:
             return self._fail_all(f"the weights pool failed: {e}")
+        except Exception as e:  # a bug must not take other batches down
+            log.exception("a forward step failed")
+            return [self._fail(p.state, f"the forward step failed: {type(e).__name__}: {e}")
+                    for batch_plans in plans for p in batch_plans]
         done = []
         for batch, batch_plans, batch_logits in zip(batches, plans, logits):
             self.scheduler.advance(batch)
-            done += [p.state for p in batch_plans if self._postprocess(p, batch_logits)]
+            for p in batch_plans:
+                try:
+                    if self._postprocess(p, batch_logits):
+                        done.append(p.state)
+                except Exception as e:  # one request fails, the batch goes on
+                    log.exception("request %s failed after the forward step", p.state.req.rid)
+                    done.append(self._fail(p.state, f"sampling failed: {type(e).__name__}: {e}"))
         return done
 
     def _graph_for(self, batch: Batch) -> DecodeGraphs | None:
@@ -374,12 +389,42 @@ class EngineCore:
         self.scheduler.finish(state.sched)
         self.states.pop(state.req.rid, None)
 
+    def _fail(self, state: RequestState, message: str) -> RequestState:
+        """Ends one request with a server error (500), whatever state it was left in."""
+        if self.abort(state.req.rid, message, 500) is None:  # finished meanwhile: say so
+            state.finish_reason = {"type": "abort", "message": message, "status_code": 500}
+        return state
+
+    def fail_all(self, message: str, status_code: int = 500) -> list[RequestState]:
+        """Ends every request in flight with an error (the engine stays available)."""
+        failed = []
+        for rid in list(self.states):
+            try:
+                failed.append(self.abort(rid, message, status_code))
+            except Exception:  # the scheduler's books may be what broke
+                log.exception("could not abort request %s cleanly", rid)
+                state = self.states.pop(rid)
+                state.finish_reason = {"type": "abort", "message": message,
+                                       "status_code": status_code}
+                failed.append(state)
+        return failed
+
     def _fail_all(self, message: str) -> list[RequestState]:
         """Ends every request in flight with an error; new requests are refused after this."""
         log.error("%s; ending %d requests in flight, refusing new ones", message,
                   len(self.states))
         self.unavailable = message
-        return [self.abort(rid, message) for rid in list(self.states)]
+        return self.fail_all(message, 503)
+
+    def check_health(self) -> list[RequestState]:
+        """Notices a dead FFN server while idle (the step notices it at once): the engine
+        becomes unavailable; returns the requests this ended."""
+        if self.unavailable:
+            return []
+        failure = self.ffn.failure()
+        if failure is None:
+            return []
+        return self._fail_all(f"the weights pool failed: {failure}")
 
     # -- introspection ------------------------------------------------------------------------
 

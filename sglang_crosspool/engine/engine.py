@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.engine.core import EngineCore
 from sglang_crosspool.engine.request import EngineRequest
@@ -65,10 +63,8 @@ class Engine:
         for i, item in enumerate(items):
             ids = self._tokenize(item, models[i]) if isinstance(item, str) else list(item)
             for k in range(params[i].n):
-                sample_params = params[i]
-                if sample_params.seed is not None and k:
-                    # n seeded samples: distinct yet reproducible (seed + k), as the server does
-                    sample_params = dataclasses.replace(sample_params, seed=sample_params.seed + k)
+                # n seeded samples: distinct yet reproducible (seed + k), as the server does
+                sample_params = params[i].for_sample(k)
                 request_id = rids[i] if rids[i] and params[i].n == 1 else (
                     f"{rids[i]}-{k}" if rids[i] else self.core.new_rid())
                 requests.append(EngineRequest(

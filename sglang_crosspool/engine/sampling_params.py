@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, fields
+
+# Below this temperature sampling is greedy: dividing logits by less overflows them to inf,
+# and the probabilities to NaN.
+GREEDY_TEMPERATURE = 1e-5
+# Repetition penalties divide or multiply logits: out of this range float32 logits overflow.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # int64 or uint64 (OpenAI, SGLang); kept mod 2**64
 
 
 class InvalidRequest(ValueError):
@@ -47,7 +56,16 @@ class SamplingParams:
             params.pop("max_new_tokens")
         sp = cls(**params)
         sp.validate()
+        if sp.seed is not None and sp.seed < 0:
+            sp = dataclasses.replace(sp, seed=sp.seed % (1 << 64))
         return sp
+
+    def for_sample(self, k: int) -> SamplingParams:
+        """The params of the k-th of n samples: a seeded prompt's samples differ, yet stay
+        reproducible."""
+        if k == 0 or self.seed is None:
+            return self
+        return dataclasses.replace(self, seed=(self.seed + k) % (1 << 64))
 
     def validate(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
@@ -57,8 +75,8 @@ class SamplingParams:
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_num(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        def is_num(v) -> bool:  # NaN and infinities (JSON's NaN, Infinity) are refused
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         check(is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens",
               "must be an integer >= 0")
@@ -67,8 +85,9 @@ class SamplingParams:
         check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k",
               "must be -1 (no limit) or >= 1")
         check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        check(is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-              "repetition_penalty", "must be > 0")
+        low, high = REPETITION_PENALTY_RANGE
+        check(is_num(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+              "repetition_penalty", f"must be in [{low:g}, {high:g}]")
         for name in ("frequency_penalty", "presence_penalty"):
             check(is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name,
                   "must be in [-2, 2]")
@@ -76,13 +95,15 @@ class SamplingParams:
               "must be non-empty strings")
         check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "must be token ids")
-        check(self.seed is None or is_int(self.seed), "seed", "must be an integer")
+        check(self.seed is None or is_int(self.seed) and
+              SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "seed",
+              "must be an integer in [-2**63, 2**64 - 1]")
         check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

@@ -54,6 +54,11 @@ class FFNExecutor(ABC):
     def close(self) -> None:
         """Releases connections or processes; the in-process executor holds none."""
 
+    def failure(self) -> str | None:
+        """Why this executor can serve no more (a dead FFN server), or None; cheap enough to
+        ask once a second."""
+        return None
+
     def local_bytes(self) -> int:
         """Bytes of FFN weights held in this process."""
         return 0

@@ -150,6 +150,9 @@ class P2PFFNExecutor(FFNExecutor):
                         pass
                     return
 
+    def failure(self) -> str | None:
+        return self.broken or self.pool.failure()
+
     def server_bytes(self) -> list[int]:
         return [r.ffn_bytes for r in self.pool.ready]
 

@@ -10,6 +10,7 @@ at least one chosen expert and sums their partial outputs.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,14 @@ class FFNServerPool:
                 raise FFNServerError(f"FFN server {i} {death} during start-up")
         raise FFNServerError(f"FFN server {i} not ready after {self.spec.start_timeout_s} s")
 
+    def failure(self) -> str | None:
+        """Which FFN server exited, or None while all run."""
+        for i, link in enumerate(self.links):
+            death = link.alive()
+            if death:
+                return f"FFN server {i} {death}"
+        return None
+
     def close(self) -> None:
         for link in self.links:
             # Links let go of what a server shares (cuda-ipc mappings) before it exits.
@@ -191,6 +200,7 @@ class FFNServerPool:
             if dist.is_initialized():
                 dist.destroy_process_group()
         self.ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the servers' socket files
 
 
 def _cuda_device(device: str) -> torch.device:
@@ -267,6 +277,9 @@ class RemoteFFNExecutor(FFNExecutor):
 
     def server_bytes(self) -> list[int]:
         return [r.ffn_bytes for r in self.pool.ready]
+
+    def failure(self) -> str | None:
+        return self.broken or self.pool.failure()
 
     def close(self) -> None:
         self.pool.close()

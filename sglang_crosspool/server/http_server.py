@@ -6,6 +6,13 @@ Out: JSON and SSE responses; errors as `{"error": {"message", "type", "param", "
 `create_app` builds the app around any `EngineClient` (the in-process one in tests);
 `run_server` spawns the scheduler process, waits until it is ready, then serves until it is
 stopped or the scheduler dies - which stops the server with a clear log line and exit code 1.
+SIGTERM and SIGINT stop it alike: no new connection or request is taken, requests in flight
+get --shutdown-timeout seconds to finish and then end with an error, the scheduler process
+and its FFN servers stop, temp folders go, and the exit code is 0.
+
+The event loop only moves bytes: request bodies are parsed (when large) and prompts tokenized
+in a worker thread, so one huge prompt never stalls /health or the streams of others. Bodies
+over --max-request-bytes get 413.
 """
 
 from __future__ import annotations
@@ -14,12 +21,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from sglang_crosspool.server.metrics import ServerMetrics
 from sglang_crosspool.server.native_api import NATIVE_ROUTES
@@ -28,6 +39,9 @@ from sglang_crosspool.server.request_manager import ApiError, RequestHandle, Req
 
 logger = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health", "/health_generate", "/metrics")  # no API key needed, as in SGLang
+_INLINE_JSON_BYTES = 64 << 10  # smaller bodies are parsed on the event loop (a thread hop
+#                                costs more than the parse)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # may start a lone surrogate
 
 
 class ClientGone(Exception):
@@ -48,6 +62,13 @@ class ServerState:
         self.tokenizers = {m.name: load_tokenizer(m.path) for m in config.models}
         self.architectures = {m.name: _architectures(m.path) for m in config.models}
         self._token_texts: dict[str, dict[int, str]] = {m: {} for m in config.model_names}
+        # NOTE: one thread: a Hugging Face fast tokenizer must not encode in two threads at
+        # once (transformers sets its truncation per call: "Already borrowed").
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+
+    async def run_blocking(self, fn, *args):
+        """fn(*args) in the tokenizer thread, off the event loop (tokenization, big parses)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -85,16 +106,25 @@ class ServerState:
     # -- requests ------------------------------------------------------------------------------
 
     async def json_body(self, request: Request) -> dict:
-        raw = await request.body()
+        limit = self.args.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(size, limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone() from None
+        raw = b"".join(chunks)
         if not raw:
             return {}
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return body
+        if len(raw) <= _INLINE_JSON_BYTES:
+            return parse_json_body(raw)
+        return await self.run_blocking(parse_json_body, raw)
 
     async def wait_all(self, handles: list[RequestHandle], request: Request | None) -> None:
         """Waits until every handle finished; aborts them if the client disconnects first."""
@@ -113,6 +143,49 @@ class ServerState:
                 if not h.finished:
                     self.manager.abort(h.rid, "the client disconnected")
             raise ClientGone()
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body has {size} bytes or more, over the limit of {limit} "
+                         "(--max-request-bytes)", type="invalid_request_error")
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """A request body -> its JSON object; 400 for anything else, including JSON that nests too
+    deep for the parser and strings with lone surrogates (no tokenizer can encode them)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: it nests too deep") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_strings(body)
+    return body
+
+
+def _check_strings(value) -> None:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"the body holds a string with a lone surrogate "
+                                    f"(an unpaired \\u{ord(v[_surrogate_at(v)]):04x} escape); "
+                                    "text must be valid Unicode") from None
+
+
+def _surrogate_at(text: str) -> int:
+    return next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -172,6 +245,10 @@ def create_app(args, config, client) -> FastAPI:
     async def on_client_gone(request: Request, e: ClientGone):
         return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
 
+    @app.exception_handler(ClientDisconnect)
+    async def on_disconnect(request: Request, e: ClientDisconnect):
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, e: Exception):
         logger.exception("error while serving %s", request.url.path)
@@ -186,12 +263,30 @@ def create_app(args, config, client) -> FastAPI:
     return app
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: unwind, so that every cleanup runs
+
+
 def run_server(args) -> int:
     """Serves until SIGINT/SIGTERM (exit 0) or until the scheduler dies (exit 1)."""
     import uvicorn
 
     from sglang_crosspool.server.engine_client import MultiprocessEngineClient
 
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose shutdown first stops taking connections and lets requests
+        in flight finish (bounded by --shutdown-timeout)."""
+
+        async def shutdown(self, sockets=None) -> None:
+            for listener in self.servers:
+                listener.close()
+            await app.state.server.manager.drain(args.shutdown_timeout,
+                                                  give_up=lambda: self.force_exit)
+            await super().shutdown(sockets)
+
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn takes SIGTERM and SIGINT while it serves, and raises them again once stopped.
+        signal.signal(signal.SIGTERM, _interrupt)
     config = args.engine_config()
     logger.info("starting the scheduler process for %s", ", ".join(config.model_names))
     client = MultiprocessEngineClient(args, config)
@@ -199,9 +294,10 @@ def run_server(args) -> int:
     try:
         app = create_app(args, config, client)  # loads tokenizers while the models load
         client.wait_ready()
-        server = uvicorn.Server(uvicorn.Config(
+        server = Server(uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, loop="uvloop",
-            timeout_keep_alive=5, access_log=args.log_level == "debug"))
+            timeout_keep_alive=5, access_log=args.log_level == "debug",
+            timeout_graceful_shutdown=2))  # responses ended by drain() have this to go out
 
         def on_dead(message: str) -> None:
             nonlocal exit_code
@@ -212,7 +308,10 @@ def run_server(args) -> int:
         logger.info("serving %s at %s", ", ".join(config.model_names), args.url)
         server.run()
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
+        if threading.current_thread() is threading.main_thread():
+            # A second Ctrl-C or SIGTERM must not cut the cleanup.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         client.close()
     if exit_code:
         logger.critical("the server stopped because the scheduler process died")

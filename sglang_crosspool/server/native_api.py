@@ -1,7 +1,7 @@
 """SGLang's native HTTP API: /generate and the server endpoints, at the root and per model.
 
     POST /generate            text | input_ids, single or batch, sampling_params, stream, logprobs
-    GET  /health              200 while the scheduler lives
+    GET  /health              200 while the scheduler lives and the engine can serve
     GET  /health_generate     200 once one token came back from each model asked about
     GET  /model_info, /get_model_info
     GET  /server_info, /get_server_info
@@ -100,7 +100,7 @@ def parse_generate(body: dict, model: str, state) -> tuple[list[TokenizedRequest
     requests = []
     for i, item in enumerate(items):
         try:
-            sp = engine_params(params[i])
+            sp = engine_params(params[i], max_n=state.args.max_n)
         except InvalidRequest as e:
             raise ApiError(400, str(e), param="sampling_params") from None
         ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
@@ -109,17 +109,9 @@ def parse_generate(body: dict, model: str, state) -> tuple[list[TokenizedRequest
                 rid = uuid.uuid4().hex
             else:
                 rid = rids[i] if sp.n == 1 else f"{rids[i]}-{k}"
-            # n samples of one seeded prompt differ, yet stay reproducible.
-            sample = sp if k == 0 or sp.seed is None else _with_seed(sp, sp.seed + k)
-            requests.append(TokenizedRequest(rid, model, ids, sample, return_logprob[i],
+            requests.append(TokenizedRequest(rid, model, ids, sp.for_sample(k), return_logprob[i],
                                              start_lens[i], top_nums[i]))
     return requests, single and len(requests) == 1
-
-
-def _with_seed(sp, seed):
-    import dataclasses
-
-    return dataclasses.replace(sp, seed=seed)
 
 
 def logprob_entries(entries, state, model: str, with_text: bool) -> list:
@@ -163,7 +155,7 @@ async def generate(request: Request):
     state = request.app.state.server
     body = await state.json_body(request)
     model = state.resolve_model(request, body.get("model"))
-    reqs, single = parse_generate(body, model, state)
+    reqs, single = await state.run_blocking(parse_generate, body, model, state)  # tokenizes
     stream = body.get("stream", False)
     _check(isinstance(stream, bool), "stream", "expected a boolean")
     wt = body.get("return_text_in_logprobs") or False
@@ -172,8 +164,21 @@ async def generate(request: Request):
     if stream:
         return StreamingResponse(_stream(handles, single, state), media_type="text/event-stream")
     await state.wait_all(handles, request)
+    failed = server_failure(handles)
+    if failed is not None:
+        raise failed
     results = [result_dict(h, state) for h in handles]
     return JSONResponse(results[0] if single else results)
+
+
+def server_failure(handles: list[RequestHandle]) -> ApiError | None:
+    """The error of the first request the server failed (an abort with a status code, as
+    SGLang answers them); None if none failed. A client's abort is no failure."""
+    for h in handles:
+        r = h.finish_reason or {}
+        if r.get("type") == "abort" and r.get("status_code"):
+            return ApiError(r["status_code"], f"the request failed: {r.get('message')}")
+    return None
 
 
 async def _stream(handles: list[RequestHandle], single: bool, state):
@@ -208,8 +213,16 @@ async def _stream(handles: list[RequestHandle], single: bool, state):
 
 @route("/health")
 async def health(request: Request):
-    state = request.app.state.server
-    return Response(status_code=503 if state.manager.dead else 200)
+    """503 once the scheduler is gone, the engine cannot serve (a dead FFN server) or the
+    server is shutting down."""
+    manager = request.app.state.server.manager
+    if manager.dead or manager.closing or manager.stats.get("unavailable"):
+        return Response(status_code=503)
+    try:  # asks the scheduler, which checks the FFN servers, between two steps
+        result = await manager.control("health", timeout=10)
+    except (TimeoutError, ApiError):
+        return Response(status_code=503)
+    return Response(status_code=503 if result.get("unavailable") else 200)
 
 
 @route("/health_generate")

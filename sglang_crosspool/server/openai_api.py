@@ -4,7 +4,9 @@ In: OpenAI request bodies (`model` picks the served model; SGLang's extra sampli
 as top_k, min_p, repetition_penalty, ignore_eos are accepted too). Out: OpenAI response objects;
 streams as OpenAI sends them - for chat a role chunk, content deltas, a chunk with the
 finish_reason, a usage chunk only when `stream_options.include_usage` asks, then
-`data: [DONE]`. Errors come in OpenAI's shape, `{"error": {message, type, param, code}}`.
+`data: [DONE]`. Errors come in OpenAI's shape, `{"error": {message, type, param, code}}`; a
+stream that fails midway ends its choice with finish_reason "stop", then sends such an error
+object (which OpenAI's clients raise), then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -78,13 +80,20 @@ def _sampling(body: dict, prompt_len: int, context_length: int, chat: bool) -> d
     return params
 
 
-def _engine_params(params: dict):
+def _engine_params(params: dict, max_n: int):
     try:
-        return engine_params(params, where="request")
+        return engine_params(params, where="request", max_n=max_n)
     except InvalidRequest as e:
         msg = str(e)
         param = msg.split(":")[0].split(".")[-1] if "." in msg.split(":")[0] else None
         raise ApiError(400, msg.replace("request.", "", 1), param=param) from None
+
+
+def _stream(body: dict) -> bool:
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, f"stream: expected a boolean, got {stream!r}", param="stream")
+    return bool(stream)
 
 
 def _stream_options(body: dict) -> bool:
@@ -100,10 +109,22 @@ def _stream_options(body: dict) -> bool:
 
 
 def _finish(h: RequestHandle) -> str | None:
+    """OpenAI's finish reason: an aborted request stopped (its error goes out on its own)."""
     r = h.finish_reason
     if r is None:
         return None
-    return {"stop": "stop", "length": "length"}.get(r.get("type"), r.get("type"))
+    return "length" if r.get("type") == "length" else "stop"
+
+
+def _stream_error(h: RequestHandle) -> bytes:
+    """The error event of a stream whose request was aborted, or nothing."""
+    r = h.finish_reason or {}
+    if r.get("type") != "abort":
+        return b""
+    status = r.get("status_code") or 400  # no status: a client aborted it (/abort_request)
+    error = ApiError(status, f"the request was aborted: {r.get('message')}")
+    return _sse({"error": {"message": error.message, "type": error.type, "param": None,
+                           "code": status}})
 
 
 def _usage(handles: list[RequestHandle], n: int) -> dict:
@@ -125,20 +146,13 @@ async def _submit(state, request: Request, body: dict, model: str, prompts: list
                   params: list[dict], logprobs: int | None):
     reqs = []
     for i, ids in enumerate(prompts):
-        sp = _engine_params(params[i])
+        sp = _engine_params(params[i], state.args.max_n)
         for k in range(sp.n):
-            sample = sp if k == 0 or sp.seed is None else _reseed(sp, sp.seed + k)
-            reqs.append(TokenizedRequest(uuid.uuid4().hex, model, ids, sample,
+            reqs.append(TokenizedRequest(uuid.uuid4().hex, model, ids, sp.for_sample(k),
                                          return_logprob=logprobs is not None,
                                          top_logprobs_num=logprobs or 0))
     n = reqs and len(reqs) // len(prompts)
     return await state.manager.submit(reqs), n
-
-
-def _reseed(sp, seed):
-    import dataclasses
-
-    return dataclasses.replace(sp, seed=seed)
 
 
 def _sse(obj) -> bytes:
@@ -188,7 +202,8 @@ async def completions(request: Request):
     body = await state.json_body(request)
     model = state.resolve_model(request, body.get("model"))
     tokenizer = state.tokenizers[model]
-    prompts = _prompts(body, tokenizer)
+    stream = _stream(body)
+    prompts = await state.run_blocking(_prompts, body, tokenizer)
     if body.get("suffix"):
         raise ApiError(400, "suffix: not supported by this server", param="suffix")
     best_of = body.get("best_of")
@@ -206,8 +221,8 @@ async def completions(request: Request):
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = [tokenizer.decode(ids) if echo else "" for ids in prompts]
 
-    if body.get("stream"):
-        async def stream():
+    if stream:
+        async def events():
             event = handles[0].event
             sent = [0] * len(handles)  # characters of text sent per choice
             sent_lp = [0] * len(handles)
@@ -237,6 +252,8 @@ async def completions(request: Request):
                             done[i] = True
                             yield _sse(_completion_chunk(cid, created, model, i, "", None,
                                                          _finish(h)))
+                            if error := _stream_error(h):
+                                yield error
                 if include_usage:
                     yield _sse({"id": cid, "object": "text_completion", "created": created,
                                 "model": model, "choices": [], "usage": _usage(handles, n)})
@@ -246,7 +263,7 @@ async def completions(request: Request):
                     if not h.finished:
                         state.manager.abort(h.rid, "the client disconnected")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     await state.wait_all(handles, request)
     _check_abort(handles)
@@ -332,7 +349,8 @@ async def chat_completions(request: Request):
     body = await state.json_body(request)
     model = state.resolve_model(request, body.get("model"))
     tokenizer = state.tokenizers[model]
-    ids = _chat_prompt(tokenizer, _messages(body))
+    stream = _stream(body)
+    ids = await state.run_blocking(_chat_prompt, tokenizer, _messages(body))
     want_lp = body.get("logprobs") or False
     if not isinstance(want_lp, bool):
         raise ApiError(400, "logprobs: expected a boolean", param="logprobs")
@@ -351,8 +369,8 @@ async def chat_completions(request: Request):
                                (top or 0) if want_lp else None)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    if body.get("stream"):
-        async def stream():
+    if stream:
+        async def events():
             event = handles[0].event
             sent = [0] * len(handles)
             sent_lp = [0] * len(handles)
@@ -382,6 +400,8 @@ async def chat_completions(request: Request):
                             done[i] = True
                             yield _sse(_chat_chunk(cid, created, model, i, {}, None,
                                                    _finish(h), include_usage))
+                            if error := _stream_error(h):
+                                yield error
                 if include_usage:
                     yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                                 "model": model, "choices": [], "usage": _usage(handles, n)})
@@ -391,7 +411,7 @@ async def chat_completions(request: Request):
                     if not h.finished:
                         state.manager.abort(h.rid, "the client disconnected")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     await state.wait_all(handles, request)
     _check_abort(handles)

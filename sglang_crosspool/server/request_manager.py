@@ -120,6 +120,7 @@ class RequestManager:
         self.handles: dict[str, RequestHandle] = {}
         self.stats: dict = {}
         self.dead: str | None = None  # why the scheduler is gone
+        self.closing = False  # shutting down: new requests get 503, those in flight may finish
         self._pending_adds: dict[str, asyncio.Future] = {}
         self._controls: dict[int, asyncio.Future] = {}
         self._cids = itertools.count()
@@ -142,6 +143,8 @@ class RequestManager:
         model = reqs[0].model if reqs else ""
         if self.dead is not None:
             raise ApiError(503, f"the server is shutting down: {self.dead.splitlines()[0]}")
+        if self.closing:
+            raise ApiError(503, "the server is shutting down")
         if self.max_in_flight is not None and len(self.handles) + len(reqs) > self.max_in_flight:
             self.metrics.rejected(model, 503)
             raise ApiError(
@@ -246,6 +249,31 @@ class RequestManager:
             if h.done is not None and not h.done.done():
                 h.done.set_result(None)
 
+    async def drain(self, timeout: float, give_up=lambda: False) -> None:
+        """Shutting down: refuses new requests, lets those in flight finish within `timeout`
+        seconds, then ends the rest with an error."""
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        while self.handles and time.monotonic() < deadline and not give_up():
+            await asyncio.sleep(0.05)
+        if self.handles:
+            logger.warning("shutting down: ending %d requests still in flight", len(self.handles))
+            self.abort_all("the server is shutting down")
+            self.end_all("the server shut down before the request finished", 503)
+
+    def end_all(self, message: str, status: int) -> None:
+        """Ends every request in flight here, with an error, whatever the scheduler does."""
+        for fut in list(self._pending_adds.values()) + list(self._controls.values()):
+            if not fut.done():
+                fut.set_exception(ApiError(status, message))
+        for h in list(self.handles.values()):
+            h.finish_reason = {"type": "abort", "message": message, "status_code": status}
+            h.finished_time = time.monotonic()
+            h.event.set()
+            if h.done is not None and not h.done.done():
+                h.done.set_result(None)
+        self.handles.clear()
+
     def on_dead(self, message: str) -> None:
         """The scheduler is gone: fail everything in flight, then let the server go down."""
         if self.dead is not None:
@@ -253,15 +281,6 @@ class RequestManager:
         self.dead = message
         logger.critical("%s", message)
         logger.critical("shutting the server down: the scheduler process is gone")
-        for fut in list(self._pending_adds.values()) + list(self._controls.values()):
-            if not fut.done():
-                fut.set_exception(ApiError(503, "the scheduler process is gone"))
-        for h in list(self.handles.values()):
-            h.finish_reason = {"type": "abort", "message": "the scheduler process is gone",
-                               "status_code": 503}
-            h.event.set()
-            if h.done is not None and not h.done.done():
-                h.done.set_result(None)
-        self.handles.clear()
+        self.end_all("the scheduler process is gone", 503)
         for cb in self.on_dead_callbacks:
             cb(message)

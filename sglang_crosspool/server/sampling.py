@@ -34,8 +34,10 @@ UNSUPPORTED = {
 KNOWN = set(ENGINE_FIELDS) | set(ACCEPTED_ANY) | set(UNSUPPORTED) | {"sampling_seed"}
 
 
-def engine_params(raw, where: str = "sampling_params") -> SamplingParams:
-    """Validates one SGLang sampling_params object; raises InvalidRequest naming the field."""
+def engine_params(raw, where: str = "sampling_params",
+                  max_n: int | None = None) -> SamplingParams:
+    """Validates one SGLang sampling_params object; raises InvalidRequest naming the field.
+    `max_n` bounds `n` (--max-n): each sample is a request of its own."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -50,7 +52,7 @@ def engine_params(raw, where: str = "sampling_params") -> SamplingParams:
     if raw.get("sampling_seed") is not None:
         params.setdefault("seed", raw["sampling_seed"])
     try:
-        return SamplingParams.from_dict(params)
+        sp = SamplingParams.from_dict(params)
     except InvalidRequest as e:
         msg = str(e)
         if where != "sampling_params" and msg.startswith("sampling_params"):
@@ -58,3 +60,7 @@ def engine_params(raw, where: str = "sampling_params") -> SamplingParams:
         raise InvalidRequest(msg) from None
     except TypeError as e:  # e.g. a list where a number belongs, caught by a comparison
         raise InvalidRequest(f"{where}: {e}") from None
+    if max_n is not None and sp.n > max_n:
+        raise InvalidRequest(f"{where}.n: at most {max_n} samples per prompt (--max-n), "
+                             f"got {sp.n}")
+    return sp

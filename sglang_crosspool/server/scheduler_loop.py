@@ -4,8 +4,13 @@ In: AddRequests, AbortRequest, ControlRequest (from a `Transport`).
 Out: AddResults, BatchOutput (per-request deltas: new token ids, text, logprobs, finish reason,
 plus the core's stats after the step), ControlResult.
 
-    loop: idle -> block on the transport (waking once a second to check on the parent)
+    loop: idle -> block on the transport (waking once a second to check on the parent and
+                  on the FFN servers)
           busy -> take every waiting message without blocking, then core.step()
+
+No request can stop the loop: the core isolates a request that fails in its step; an exception
+that still escapes a step or a handler (a bug) ends the requests concerned with a 500 error,
+and the loop serves on.
 
 The loop never touches a socket itself: `Transport` is a ZeroMQ pair in the scheduler process
 (`scheduler_process.py`) and a pair of in-memory queues in the in-process mode.
@@ -85,15 +90,30 @@ class SchedulerLoop:
         if not self.core.has_work():
             msg = self.transport.recv(IDLE_WAKE_MS)
             if msg is None:
+                self._check_health()
                 return
             self._handle(msg, pending)
         while (msg := self.transport.recv(0)) is not None:
             self._handle(msg, pending)
         updates = [u for out in pending for u in out.updates]
         if self.core.has_work():
-            updates += [self._update(s) for s in self.core.step()]
+            updates += [self._update(s) for s in self._step()]
         if updates or pending:
             self.transport.send(BatchOutput(updates, self.core.stats()))
+
+    def _step(self) -> list[RequestState]:
+        try:
+            return self.core.step()
+        except Exception as e:  # a bug: fail what is in flight, serve on
+            logger.exception("scheduler: the engine step failed; ending the requests in flight")
+            return self.core.fail_all(f"the engine step failed: {type(e).__name__}: {e}")
+
+    def _check_health(self) -> None:
+        """Pushes the news when an FFN server died while the engine was idle."""
+        was = self.core.unavailable
+        ended = self.core.check_health()
+        if ended or self.core.unavailable != was:
+            self.transport.send(BatchOutput([self._update(s) for s in ended], self.core.stats()))
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -102,7 +122,16 @@ class SchedulerLoop:
         if handler is None:
             logger.error("scheduler: ignoring a message of unknown type %s", type(msg).__name__)
             return
-        out = handler(msg)
+        try:
+            out = handler(msg)
+        except Exception as e:  # a bug: answer with an error, serve on
+            logger.exception("scheduler: handling a %s failed", type(msg).__name__)
+            error = f"internal error: {type(e).__name__}: {e}"
+            if isinstance(msg, AddRequests):
+                self.transport.send(AddResults([r.rid for r in msg.requests], error, 500))
+            elif isinstance(msg, ControlRequest):
+                self.transport.send(ControlResult(msg.cid, {"error": error}))
+            return
         if out is not None:
             pending.append(out)
 
@@ -144,7 +173,10 @@ class SchedulerLoop:
         return BatchOutput(updates)  # also when nothing was aborted: the stats go out
 
     def _control(self, msg: ControlRequest) -> None:
-        if msg.kind == "stats":
+        if msg.kind == "health":
+            self._check_health()
+            result = {"unavailable": self.core.unavailable}
+        elif msg.kind == "stats":
             result = {**self.core.stats(), "pid": os.getpid(), "in_flight": len(self.states)}
         elif msg.kind == "flush_cache":
             # No prefix cache yet, so there is nothing to drop; like SGLang, refuse while busy.

@@ -84,5 +84,5 @@ def run_scheduler_process(engine_config, in_path: str, out_path: str, warmup: bo
             except zmq.ZMQError:
                 pass
         transport.close()
-        os._exit(1)
+        os._exit(0 if isinstance(e, (KeyboardInterrupt, SystemExit)) else 1)
     transport.close()
