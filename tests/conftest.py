@@ -39,3 +39,17 @@ def hf_models(tiny_models):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def arch_paths(tiny_models) -> list[str]:
+    """The tiny checkpoints in ARCHS order (served under their architecture names)."""
+    return [tiny_models[a] for a in ARCHS]
+
+
+@pytest.fixture(scope="session")
+def monolithic_reference(arch_paths):
+    """testing.multimodel's workload on a monolithic CPU engine: (outputs, stats)."""
+    from sglang_crosspool.testing.multimodel import run_all
+
+    return run_all(arch_paths, pool_mode="monolithic")

@@ -20,40 +20,26 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("zmq")
 
-from sglang_crosspool import Engine
-from sglang_crosspool.engine.core import EngineUnavailable
-from sglang_crosspool.engine.request import EngineRequest
-from sglang_crosspool.engine.sampling_params import SamplingParams
-from sglang_crosspool.testing.checkpoints import ARCHS
-from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
+from sglang_crosspool import Engine  # noqa: E402
+from sglang_crosspool.engine.core import EngineUnavailable  # noqa: E402
+from sglang_crosspool.engine.request import EngineRequest  # noqa: E402
+from sglang_crosspool.engine.sampling_params import SamplingParams  # noqa: E402
+from sglang_crosspool.testing import multimodel  # noqa: E402
+from sglang_crosspool.testing.faults import kill_ffn_server_mid_run  # noqa: E402
 
-GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
-PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
 TWO_GPUS = torch.cuda.device_count() >= 2
 FFN_GPUS = ["cuda:0"]
 needs_two = pytest.mark.skipif(not TWO_GPUS, reason="needs 2 GPUs")
 
 
 def run_all(paths, dtype="float32", **options):
-    engine = Engine(paths, served_model_name=list(ARCHS), device="cuda:0", dtype=dtype,
-                    disable_cuda_graph=True, **options)
-    try:
-        prompts = [p for p in PROMPTS for _ in ARCHS]
-        models = [a for _ in PROMPTS for a in ARCHS]
-        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, model=models)
-        return [o["output_ids"] for o in outs], engine.stats()
-    finally:
-        engine.shutdown()
+    return multimodel.run_all(paths, device="cuda:0", dtype=dtype, disable_cuda_graph=True,
+                              **options)
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_models):
-    return [tiny_models[a] for a in ARCHS]
-
-
-@pytest.fixture(scope="module")
-def reference(paths):
-    return run_all(paths, pool_mode="monolithic")
+def reference(arch_paths):
+    return run_all(arch_paths, pool_mode="monolithic")
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
@@ -62,9 +48,9 @@ def reference(paths):
     ("shm", "cuda:0"),
     pytest.param("nccl", "cuda:1", marks=needs_two),
 ])
-def test_ffn_server_processes_on_gpu_match_monolithic(paths, reference, transport, ffn_device,
+def test_ffn_server_processes_on_gpu_match_monolithic(arch_paths, reference, transport, ffn_device,
                                                       microbatches):
-    outputs, stats = run_all(paths, pool_mode="crosspool", ffn_servers=2,
+    outputs, stats = run_all(arch_paths, pool_mode="crosspool", ffn_servers=2,
                              ffn_transport=transport, ffn_device=ffn_device,
                              pipeline_microbatches=microbatches)
     assert outputs == reference[0]
@@ -75,19 +61,19 @@ def test_ffn_server_processes_on_gpu_match_monolithic(paths, reference, transpor
 
 
 @pytest.mark.parametrize("ffn_device", FFN_GPUS)
-def test_cuda_ipc_in_bf16_matches_the_same_split_in_process(paths, ffn_device):
-    local, _ = run_all(paths, dtype="bfloat16", pool_mode="crosspool", ffn_servers=2,
+def test_cuda_ipc_in_bf16_matches_the_same_split_in_process(arch_paths, ffn_device):
+    local, _ = run_all(arch_paths, dtype="bfloat16", pool_mode="crosspool", ffn_servers=2,
                        ffn_transport="local", pipeline_microbatches=2)
-    remote, _ = run_all(paths, dtype="bfloat16", pool_mode="crosspool", ffn_servers=2,
+    remote, _ = run_all(arch_paths, dtype="bfloat16", pool_mode="crosspool", ffn_servers=2,
                         ffn_transport="cuda-ipc", ffn_device=ffn_device,
                         pipeline_microbatches=2)
     assert remote == local
 
 
 @needs_two
-def test_cuda_ipc_across_gpus_is_refused_with_a_pointer_to_p2p(paths):
+def test_cuda_ipc_across_gpus_is_refused_with_a_pointer_to_p2p(arch_paths):
     with pytest.raises(ValueError, match="across GPUs use 'p2p'"):
-        Engine(paths[0], device="cuda:0", pool_mode="crosspool", ffn_transport="cuda-ipc",
+        Engine(arch_paths[0], device="cuda:0", pool_mode="crosspool", ffn_transport="cuda-ipc",
                ffn_device="cuda:1")
 
 

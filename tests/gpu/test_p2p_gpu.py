@@ -27,46 +27,32 @@ if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA GPUs", allow_module_level=True)
 pytest.importorskip("zmq")
 
-from sglang_crosspool import Engine
-from sglang_crosspool.engine.core import EngineUnavailable
-from sglang_crosspool.engine.request import EngineRequest
-from sglang_crosspool.engine.sampling_params import SamplingParams
-from sglang_crosspool.testing.checkpoints import ARCHS
-from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
-from sglang_crosspool.transport.links import P2PLink
+from sglang_crosspool import Engine  # noqa: E402
+from sglang_crosspool.engine.core import EngineUnavailable  # noqa: E402
+from sglang_crosspool.engine.request import EngineRequest  # noqa: E402
+from sglang_crosspool.engine.sampling_params import SamplingParams  # noqa: E402
+from sglang_crosspool.testing import multimodel  # noqa: E402
+from sglang_crosspool.testing.faults import kill_ffn_server_mid_run  # noqa: E402
+from sglang_crosspool.transport.links import P2PLink  # noqa: E402
 
-GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
-PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
 P2P = dict(pool_mode="crosspool", ffn_servers=1, ffn_transport="p2p", ffn_device="cuda:1",
            attention_backend="triton")
 
 
 def run_all(paths, graphs: bool, **options):
-    engine = Engine(paths, served_model_name=list(ARCHS), device="cuda:0", dtype="float32",
-                    disable_cuda_graph=not graphs, cuda_graph_max_bs=8, **options)
-    try:
-        prompts = [p for p in PROMPTS for _ in ARCHS]
-        models = [a for _ in PROMPTS for a in ARCHS]
-        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, model=models)
-        return [o["output_ids"] for o in outs], engine.stats()
-    finally:
-        engine.shutdown()
+    return multimodel.run_all(paths, device="cuda:0", dtype="float32",
+                              disable_cuda_graph=not graphs, cuda_graph_max_bs=8, **options)
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_models):
-    return [tiny_models[a] for a in ARCHS]
-
-
-@pytest.fixture(scope="module")
-def reference(paths):
-    return run_all(paths, graphs=True, pool_mode="monolithic", attention_backend="triton")
+def reference(arch_paths):
+    return run_all(arch_paths, graphs=True, pool_mode="monolithic", attention_backend="triton")
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 @pytest.mark.parametrize("microbatches", [1, 2])
-def test_p2p_on_gpu_1_matches_monolithic(paths, reference, graphs, microbatches):
-    outputs, stats = run_all(paths, graphs=graphs, pipeline_microbatches=microbatches, **P2P)
+def test_p2p_on_gpu_1_matches_monolithic(arch_paths, reference, graphs, microbatches):
+    outputs, stats = run_all(arch_paths, graphs=graphs, pipeline_microbatches=microbatches, **P2P)
     assert outputs == reference[0]
     assert stats["ffn_bytes_here"] == 0
     assert sum(stats["ffn_bytes_per_server"]) == reference[1]["ffn_bytes_here"]

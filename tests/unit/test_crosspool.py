@@ -13,32 +13,9 @@ from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.models.checkpoint import CheckpointFiles
 from sglang_crosspool.testing.checkpoints import ARCHS
 from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
+from sglang_crosspool.testing.multimodel import GREEDY, run_all
 
-GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
-PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
 ATTENTION_KEYS = ("self_attn", "embed_tokens", "lm_head", "layernorm", "model.norm", ".gate.weight")
-
-
-def run_all(paths, **options):
-    """Every prompt on every model, interleaved in one generate call."""
-    engine = Engine(paths, served_model_name=list(ARCHS), **options)
-    try:
-        prompts = [p for p in PROMPTS for _ in ARCHS]
-        models = [a for _ in PROMPTS for a in ARCHS]
-        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, model=models)
-        return [o["output_ids"] for o in outs], engine.stats()
-    finally:
-        engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def paths(tiny_models):
-    return [tiny_models[a] for a in ARCHS]
-
-
-@pytest.fixture(scope="module")
-def reference(paths):
-    return run_all(paths, pool_mode="monolithic")
 
 
 def full_ffn_bytes(stats) -> int:
@@ -50,32 +27,32 @@ def full_ffn_bytes(stats) -> int:
     dict(pool_mode="crosspool", ffn_servers=3, ffn_transport="local"),
     dict(pool_mode="crosspool", ffn_servers=2, ffn_transport="local", pipeline_microbatches=2),
 ], ids=["static", "crosspool-local", "crosspool-local-pipelined"])
-def test_in_process_modes_match_monolithic(paths, reference, options):
-    outputs, stats = run_all(paths, **options)
-    assert outputs == reference[0]
+def test_in_process_modes_match_monolithic(arch_paths, monolithic_reference, options):
+    outputs, stats = run_all(arch_paths, **options)
+    assert outputs == monolithic_reference[0]
     assert stats["pool_mode"] == options["pool_mode"]
     assert stats["kv"]["used_pages"] == 0
     # The weights are the same bytes, however they are placed.
-    assert sum(stats["ffn_bytes_per_server"]) == full_ffn_bytes(reference[1])
+    assert sum(stats["ffn_bytes_per_server"]) == full_ffn_bytes(monolithic_reference[1])
 
 
 @pytest.mark.parametrize("transport, servers", [("shm", 2), ("dist", 3)])
-def test_ffn_server_processes_match_monolithic_and_hold_only_ffn(paths, reference, transport,
+def test_ffn_server_processes_match_monolithic_and_hold_only_ffn(arch_paths, monolithic_reference, transport,
                                                                  servers):
-    outputs, stats = run_all(paths, pool_mode="crosspool", ffn_servers=servers,
+    outputs, stats = run_all(arch_paths, pool_mode="crosspool", ffn_servers=servers,
                              ffn_transport=transport, pipeline_microbatches=2)
-    assert outputs == reference[0]
+    assert outputs == monolithic_reference[0]
     # The attention worker holds no FFN bytes; the servers hold all of them, each a share.
     assert stats["ffn_bytes_here"] == 0
     per_server = stats["ffn_bytes_per_server"]
     assert len(per_server) == servers and all(b > 0 for b in per_server)
-    assert sum(per_server) == full_ffn_bytes(reference[1])
-    assert stats["attention_bytes"] == reference[1]["attention_bytes"]
+    assert sum(per_server) == full_ffn_bytes(monolithic_reference[1])
+    assert stats["attention_bytes"] == monolithic_reference[1]["attention_bytes"]
     assert stats["pipeline"]["steps"] > 0 and 0 <= stats["pipeline"]["bubble_fraction"] < 1
 
 
-def test_ffn_servers_never_read_attention_tensors(paths):
-    engine = Engine(paths, served_model_name=list(ARCHS), pool_mode="crosspool",
+def test_ffn_servers_never_read_attention_tensors(arch_paths):
+    engine = Engine(arch_paths, served_model_name=list(ARCHS), pool_mode="crosspool",
                     ffn_servers=2, ffn_transport="shm")
     try:
         ready = engine.core.ffn.pool.ready
@@ -84,7 +61,7 @@ def test_ffn_servers_never_read_attention_tensors(paths):
         assert not [k for k in keys if any(a in k for a in ATTENTION_KEYS)]
         # Each expert tensor was read by exactly one server.
         assert len(keys) == len(set(keys))
-        every_ffn_key = {f"{name}:{k}" for name, p in zip(ARCHS, paths)
+        every_ffn_key = {f"{name}:{k}" for name, p in zip(ARCHS, arch_paths)
                          for k in CheckpointFiles(p).keys()
                          if "experts" in k or "shared_expert" in k}
         assert set(keys) == every_ffn_key

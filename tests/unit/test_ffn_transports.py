@@ -19,7 +19,7 @@ def path(tiny_models):
 
 
 def crosspool(path, **options) -> EngineConfig:
-    return EngineConfig.build(path, pool_mode="crosspool", ffn_servers=2, **options)
+    return EngineConfig.build(path, **{"pool_mode": "crosspool", "ffn_servers": 2, **options})
 
 
 def test_launch_flag_offers_every_transport():
@@ -47,7 +47,7 @@ def test_cuda_ipc_builds_on_one_gpu_and_is_refused_across_gpus(path):
 
 
 def test_p2p_is_the_default_across_gpus_and_needs_a_gpu_per_server(path):
-    config = crosspool(path, device="cuda:0", ffn_device="cuda:1")
+    config = crosspool(path, device="cuda:0", ffn_device="cuda:1", ffn_servers=1)
     assert config.ffn_transport == "p2p"
     assert crosspool(path, device="cuda:0").ffn_transport == "local"
     assert crosspool(path).ffn_transport == "local"  # CPU: in process unless asked

@@ -14,36 +14,11 @@ from sglang_crosspool.engine.request import EngineRequest
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.ffn.p2p_executor import P2PFFNExecutor, P2PProtocolError
 from sglang_crosspool.models.common import Routing
-from sglang_crosspool.testing.checkpoints import ARCHS
 from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
+from sglang_crosspool.testing.multimodel import GREEDY, PROMPTS, run_all
 from sglang_crosspool.transport import messages as m
 from sglang_crosspool.transport.links import P2PLink
 from sglang_crosspool.transport.p2p import P2PLayout, crossing_order
-
-GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
-PROMPTS = [[5, 6, 7, 8], list(range(100, 118)), [42] * 9]
-
-
-def run_all(paths, **options):
-    engine = Engine(paths, served_model_name=list(ARCHS), **options)
-    try:
-        prompts = [p for p in PROMPTS for _ in ARCHS]
-        models = [a for _ in PROMPTS for a in ARCHS]
-        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, model=models)
-        return [o["output_ids"] for o in outs], engine.stats()
-    finally:
-        engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def paths(tiny_models):
-    return [tiny_models[a] for a in ARCHS]
-
-
-@pytest.fixture(scope="module")
-def reference(paths):
-    return run_all(paths, pool_mode="monolithic")
-
 
 def test_layout_sections_are_aligned_and_disjoint():
     layout = P2PLayout(servers=3, slots=2, max_tokens=17, hidden=40, max_top_k=4,
@@ -67,15 +42,15 @@ def test_both_sides_cross_in_the_pipeline_order():
 
 
 @pytest.mark.parametrize("servers, microbatches", [(1, 1), (2, 2), (3, 2)])
-def test_p2p_servers_match_monolithic_and_hold_only_ffn(paths, reference, servers,
+def test_p2p_servers_match_monolithic_and_hold_only_ffn(arch_paths, monolithic_reference, servers,
                                                         microbatches):
-    outputs, stats = run_all(paths, pool_mode="crosspool", ffn_transport="p2p",
+    outputs, stats = run_all(arch_paths, pool_mode="crosspool", ffn_transport="p2p",
                              ffn_servers=servers, pipeline_microbatches=microbatches)
-    assert outputs == reference[0]
+    assert outputs == monolithic_reference[0]
     assert stats["ffn_bytes_here"] == 0
     per_server = stats["ffn_bytes_per_server"]
     assert len(per_server) == servers and all(b > 0 for b in per_server)
-    assert sum(per_server) == reference[1]["ffn_bytes_here"]
+    assert sum(per_server) == monolithic_reference[1]["ffn_bytes_here"]
     assert stats["kv"]["used_pages"] == 0
 
 
