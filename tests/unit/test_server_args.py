@@ -158,8 +158,9 @@ def test_kv_page_backend_and_reserve_flags(ckpts):
 
 def test_ffn_device_puts_the_weights_pool_on_another_gpu(ckpts):
     a = parse("--model-path", ckpts["qwen3_moe"], "--device", "cuda:0", "--pool-mode", "crosspool",
-              "--ffn-transport", "cuda-ipc", "--ffn-device", "cuda:1")
+              "--ffn-device", "cuda:1")
     config = a.engine_config()
+    # The p2p crossing is the default across GPUs.
     assert (config.device, config.ffn_device, config.ffn_transport) == \
-        ("cuda:0", "cuda:1", "cuda-ipc")
+        ("cuda:0", "cuda:1", "p2p")
     assert parse("--model-path", ckpts["qwen3_moe"]).engine_config().ffn_device == "cpu"
