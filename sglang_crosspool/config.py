@@ -17,6 +17,7 @@ from sglang_crosspool.models.registry import resolve
 from sglang_crosspool.options import (
     ATTENTION_BACKENDS,
     FFN_TRANSPORTS,
+    GRAMMAR_BACKENDS,
     KV_PAGE_BACKENDS,
     POOL_MODES,
 )
@@ -63,6 +64,9 @@ class EngineConfig:
     # auto | safetensors: read the checkpoint files; dummy: random weights made on the device
     # from config.json alone (models/checkpoint.open_checkpoint)
     load_format: str = "auto"
+    grammar_backend: str = "xgrammar"  # xgrammar | none (engine/grammar.py)
+    # JSON schemas allow any whitespace between tokens (SGLang's default) unless this is set.
+    constrained_json_disable_any_whitespace: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -107,6 +111,8 @@ class EngineConfig:
         kv_page_backend: str = "auto",
         kv_reserve_pages: int | None = None,
         load_format: str = "auto",
+        grammar_backend: str = "xgrammar",
+        constrained_json_disable_any_whitespace: bool = False,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -130,6 +136,7 @@ class EngineConfig:
         _choice("kv_page_backend", kv_page_backend, KV_PAGE_BACKENDS)
         _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         _choice("load_format", load_format, LOAD_FORMATS)
+        _choice("grammar_backend", grammar_backend, GRAMMAR_BACKENDS)
         attention_backend = _attention_backend(attention_backend, device, dtype, entries)
         for key, value in (("ffn_servers", ffn_servers),
                            ("pipeline_microbatches", pipeline_microbatches),
@@ -154,7 +161,8 @@ class EngineConfig:
                    cuda_graph_memory_bytes=cuda_graph_memory_bytes,
                    kv_page_backend=kv_page_backend,
                    kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries),
-                   load_format=load_format)
+                   load_format=load_format, grammar_backend=grammar_backend,
+                   constrained_json_disable_any_whitespace=constrained_json_disable_any_whitespace)
 
 
 def _auto_transport(transport: str, pool_mode: str, device: str, ffn_device: str) -> str:

@@ -8,3 +8,5 @@ KV_PAGE_BACKENDS = ("auto", "vmm", "simulated")  # auto: CUDA VMM where supporte
 ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "torch")
 # KV page size per device type; CUDA: the VMM granularity.
 DEFAULT_PAGE_BYTES = {"cpu": 4096, "cuda": 2 << 20}
+# Constrained decoding (regex, JSON schema, EBNF); none: such requests are refused (400).
+GRAMMAR_BACKENDS = ("xgrammar", "none")

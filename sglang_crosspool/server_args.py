@@ -25,6 +25,7 @@ from sglang_crosspool.options import (
     ATTENTION_BACKENDS,
     DEFAULT_PAGE_BYTES,
     FFN_TRANSPORTS,
+    GRAMMAR_BACKENDS,
     KV_PAGE_BACKENDS,
     POOL_MODES,
 )
@@ -65,6 +66,8 @@ class ServerArgs:
     mem_fraction_static: float | None = None
     random_seed: int = 0
     attention_backend: str = "auto"  # resolved by EngineConfig.build
+    grammar_backend: str = "xgrammar"  # none: constrained requests get 400
+    constrained_json_disable_any_whitespace: bool = False
     disable_cuda_graph: bool = False
     cuda_graph_max_bs_decode: int | None = None
     pool_mode: str = "monolithic"
@@ -125,7 +128,8 @@ class ServerArgs:
             disable_cuda_graph=self.disable_cuda_graph,
             cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
             kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages,
-            load_format=self.load_format)
+            load_format=self.load_format, grammar_backend=self.grammar_backend,
+            constrained_json_disable_any_whitespace=self.constrained_json_disable_any_whitespace)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -194,7 +198,9 @@ class ServerArgs:
             max_queued_requests=a.max_queued_requests, max_total_tokens=a.max_total_tokens,
             chunked_prefill_size=a.chunked_prefill_size,
             mem_fraction_static=a.mem_fraction_static, random_seed=a.random_seed,
-            attention_backend=a.attention_backend, disable_cuda_graph=a.disable_cuda_graph,
+            attention_backend=a.attention_backend, grammar_backend=a.grammar_backend,
+            constrained_json_disable_any_whitespace=a.constrained_json_disable_any_whitespace,
+            disable_cuda_graph=a.disable_cuda_graph,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
             ffn_device=a.ffn_device,
@@ -420,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels; auto: torch on CPU, on CUDA flashinfer where it "
                         "imports, else triton")
+    g.add_argument("--grammar-backend", default="xgrammar", choices=GRAMMAR_BACKENDS,
+                   help="constrained decoding (regex, json_schema, ebnf, response_format); "
+                        "none: such requests are refused with 400")
+    g.add_argument("--constrained-json-disable-any-whitespace", action="store_true",
+                   help="JSON schemas: compact separators only, instead of any whitespace "
+                        "between tokens")
 
     g = p.add_argument_group("scheduling")
     g.add_argument("--max-running-requests", type=int, default=64,

@@ -24,6 +24,9 @@ class SchedReq:
     num_computed: int = 0  # tokens whose K/V are in the pool
     blocks: list[int] = field(default_factory=list)  # the request's page table
     retractions: int = 0
+    # False while the engine prepares something the request needs first (its compiled
+    # grammar): the scheduler then admits newer requests before it, and it keeps its place.
+    ready: bool = True
 
     @property
     def total_len(self) -> int:

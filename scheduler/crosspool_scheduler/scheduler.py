@@ -5,7 +5,8 @@ Each `schedule()` call picks one model (policy order) and builds its batch:
    chunk; if their KV blocks cannot be had, the newest running request (of any model) is
    retracted - its blocks freed, its progress dropped, re-queued to recompute later;
 2. then waiting requests, oldest first, while the token budget, the running-request limit and
-   free KV blocks (enough for the whole prompt) allow.
+   free KV blocks (enough for the whole prompt) allow; a request not `ready` yet (its grammar
+   still compiling) is passed over until it is.
 A retracted request keeps its output tokens and later recomputes prompt + output in one
 prefill, so nothing is lost; requests that could never fit the pool are refused at `add`.
 """
@@ -141,13 +142,13 @@ class GlobalScheduler:
             if self._grow(req, req.num_computed + n, seqs + elsewhere):
                 seqs.append(ScheduledSeq(req, req.num_computed, n))
                 budget -= n
-        while queue.waiting and budget > 0 and self._num_running() < self.limits.max_running_requests:
-            req = queue.waiting[0]
-            if not self.kv.can_alloc(model, self._blocks_for(model, req.total_len)):
+        while budget > 0 and self._num_running() < self.limits.max_running_requests:
+            req = next((r for r in queue.waiting if r.ready), None)
+            if req is None or not self.kv.can_alloc(model, self._blocks_for(model, req.total_len)):
                 break
             n = min(req.total_len, budget)
             req.blocks = self.kv.alloc_blocks(model, self._blocks_for(model, n)) or []
-            queue.waiting.pop(0)
+            queue.waiting.remove(req)
             req.status = ReqStatus.RUNNING
             req.num_computed = 0
             queue.running.append(req)

@@ -27,6 +27,14 @@ from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.engine.attention import get_attention_backend
 from sglang_crosspool.engine.cuda_graph import DecodeGraphs, graph_buckets
 from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
+from sglang_crosspool.engine.grammar import (
+    Grammars,
+    RequestGrammar,
+    compiler_message,
+    constraint_of,
+    mask_rows,
+    wait_any,
+)
 from sglang_crosspool.engine.model_runner import MicroBatch, ModelRunner, forward_pipelined
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprobs
@@ -60,6 +68,8 @@ class _SeqPlan:
     input_positions: list[int]  # the position each such row predicts from
     sample_row: int | None  # row to sample the next token from
     prefill_only_done: bool  # max_new_tokens == 0 and the prompt is fully computed
+    masked: torch.Tensor | None = None  # the sample row under the request's grammar
+    allowed: bool = True  # the grammar allows some token
 
 
 class EngineCore:
@@ -71,6 +81,7 @@ class EngineCore:
         self._init_runners()
         self._init_graphs()
         self._init_scheduler()
+        self._init_grammars()
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -156,6 +167,16 @@ class EngineCore:
         self.pipeline_totals = {"steps": 0, "wall_s": 0.0, "wait_s": 0.0}
         self.eos_ids = {m.name: frozenset(m.spec.eos_token_ids) for m in self.config.models}
 
+    def _init_grammars(self) -> None:
+        cfg = self.config
+        models = cfg.models
+        # The logits' width is the vocabulary grammars are compiled for (engine/grammar.py).
+        self.grammars = Grammars(self.config.grammar_backend, self.tokenizers,
+                                 {m.name: m.spec.vocab_size for m in models},
+                                 {m.name: m.spec.eos_token_ids for m in models},
+                                 any_whitespace=not cfg.constrained_json_disable_any_whitespace)
+        self.grammar_waiting: dict[str, RequestState] = {}  # their grammar is compiling
+
     # -- requests -----------------------------------------------------------------------------
 
     def check_model(self, name: str) -> None:
@@ -184,6 +205,9 @@ class EngineCore:
             raise InvalidRequest("top_logprobs_num: must be >= 0")
         if req.rid in self.states:
             raise InvalidRequest(f"rid: request id {req.rid!r} is already in use")
+        key = constraint_of(req.params)
+        if key is not None:
+            self.grammars.check(req.model, key)
         return min(req.params.max_new_tokens, entry.context_length - len(ids))
 
     def add_request(self, req: EngineRequest) -> RequestState:
@@ -202,11 +226,17 @@ class EngineCore:
             if start == 0:
                 state.input_token_logprobs.append((None, req.input_ids[0], None))
                 state.input_top_logprobs.append(None)
+        key = constraint_of(req.params)
+        if key is not None:  # compiled off the step; the scheduler holds it until then
+            state.grammar = RequestGrammar(self.grammars.compile(req.model, key))
+            sched.ready = False
         try:
             self.scheduler.add(sched)
         except RequestTooLarge as e:
             raise InvalidRequest(str(e)) from None
         self.states[req.rid] = state
+        if state.grammar is not None:
+            self.grammar_waiting[req.rid] = state
         return state
 
     def abort(self, rid: str, message: str = "aborted",
@@ -217,6 +247,7 @@ class EngineCore:
         if state is None:
             return None
         self.scheduler.abort(rid)
+        self.grammar_waiting.pop(rid, None)
         state.finish_reason = {"type": "abort", "message": message}
         if status_code is not None:
             state.finish_reason["status_code"] = status_code
@@ -234,12 +265,36 @@ class EngineCore:
     def step(self) -> list[RequestState]:
         """Runs one step; returns the requests that produced a token or finished.
 
+        A request whose grammar is compiling waits (the scheduler passes it over); one whose
+        grammar failed to compile ends here.
+        """
+        return self._poll_grammars() + self._run_batches()
+
+    def _poll_grammars(self) -> list[RequestState]:
+        failed = []
+        for rid, state in list(self.grammar_waiting.items()):
+            try:
+                ready = state.grammar.poll()
+            except Exception as e:  # noqa: BLE001 - the compiler raises RuntimeError and others
+                failed.append(self.abort(rid, f"the grammar failed to compile: "
+                                              f"{compiler_message(e)}", 400))
+                continue
+            if ready:
+                del self.grammar_waiting[rid]
+                state.sched.ready = True
+        return failed
+
+    def _run_batches(self) -> list[RequestState]:
+        """The model's step over the scheduled batches.
+
         With `pipeline_microbatches` > 1 the step holds that many micro-batches - batches of
         distinct models, else one model's batch split - run in the layer-wise pipeline.
         """
         depth = self.config.pipeline_microbatches
         batches = self.scheduler.schedule_many(depth)
         if not batches:
+            # Only requests whose grammar compiles: wait a little for one, not a busy loop.
+            wait_any([s.grammar for s in self.grammar_waiting.values()])
             return []
         # Decode batches that (pipelined) graphs hold run whole, one graph step each;
         # otherwise they are split into micro-batches here and pipelined eagerly.
@@ -273,6 +328,8 @@ class EngineCore:
             log.exception("a forward step failed")
             return [self._fail(p.state, f"the forward step failed: {type(e).__name__}: {e}")
                     for batch_plans in plans for p in batch_plans]
+        for batch_plans, batch_logits in zip(plans, logits):
+            self._mask_grammars(batch_plans, batch_logits)
         done = []
         for batch, batch_plans, batch_logits in zip(batches, plans, logits):
             self.scheduler.advance(batch)
@@ -334,6 +391,16 @@ class EngineCore:
             plans.append(plan)
         return rows, plans
 
+    def _mask_grammars(self, plans: list[_SeqPlan], logits: torch.Tensor) -> None:
+        """Masks the sample rows of the batch's constrained requests, in one call."""
+        constrained = [p for p in plans if p.sample_row is not None and p.state.grammar]
+        if not constrained:
+            return
+        masked, allowed = mask_rows(logits, [p.sample_row for p in constrained],
+                                    [p.state.grammar for p in constrained])
+        for i, plan in enumerate(constrained):
+            plan.masked, plan.allowed = masked[i], allowed[i]
+
     def _postprocess(self, plan: _SeqPlan, logits: torch.Tensor) -> bool:
         state = plan.state
         req = state.req
@@ -351,7 +418,14 @@ class EngineCore:
         row = logits[plan.sample_row]
         if self.logits_observer is not None:
             self.logits_observer(req.rid, row)
-        token = choose(row, state.sampling, self.generator)
+        if not plan.allowed:  # NOTE: a grammar that allows no token has no stop token either
+            complete = state.grammar.matcher.is_completed()
+            self._finish(state, {"type": "stop", "matched": None} if complete else {
+                "type": "abort", "message": "the grammar allows no next token",
+                "status_code": 500})
+            return True
+        token = choose(row if plan.masked is None else plan.masked, state.sampling,
+                       self.generator)
         if req.return_logprob:
             chosen, tops = token_logprobs(row[None], [token], req.top_logprobs_num)
             state.output_token_logprobs.append((chosen[0], token, None))
@@ -370,6 +444,12 @@ class EngineCore:
         previous = len(state.detok.text)
         state.detok.add([token])
         state.text = state.detok.text
+        if state.grammar is not None:
+            if not state.grammar.accept(token):  # NOTE: cannot happen under the mask
+                return self._finish(state, {"type": "abort", "status_code": 500,
+                                            "message": f"token {token} broke the grammar"})
+            if state.grammar.terminated:  # complete, and its stop token accepted
+                return self._finish(state, {"type": "stop", "matched": token})
         if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
             return self._finish(state, {"type": "stop", "matched": token})
         if params.stop:
@@ -437,6 +517,7 @@ class EngineCore:
             "ffn_bytes_here": self.ffn.local_bytes(),
             "ffn_bytes_per_server": self.ffn.server_bytes(),
             "unavailable": self.unavailable,
+            "grammar": {**self.grammars.stats(), "waiting": len(self.grammar_waiting)},
             "cuda_graphs": {name: g.stats() for name, g in self.graphs.items()},
             "pipeline": dict(self.pipeline_totals, bubble_fraction=(
                 self.pipeline_totals["wait_s"] / self.pipeline_totals["wall_s"]
@@ -444,6 +525,7 @@ class EngineCore:
         }
 
     def shutdown(self) -> None:
+        self.grammars.close()
         self.ffn.close()
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from crosspool_scheduler import SchedReq
 
 from sglang_crosspool.engine.sampler import SamplingState
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from sglang_crosspool.engine.grammar import RequestGrammar
 
 
 @dataclass
@@ -41,6 +45,7 @@ class RequestState:
     input_top_logprobs: list = field(default_factory=list)
     output_token_logprobs: list = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
+    grammar: RequestGrammar | None = None  # its constraint (regex, json_schema or ebnf)
 
     @property
     def output_ids(self) -> list[int]:

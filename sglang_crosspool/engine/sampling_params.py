@@ -34,6 +34,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     seed: int | None = None
     n: int = 1
+    # Constrained decoding (engine/grammar.py): at most one of these grammars.
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, params: dict | None) -> SamplingParams:
@@ -100,6 +104,13 @@ class SamplingParams:
               "must be an integer in [-2**63, 2**64 - 1]")
         check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        for name in ("regex", "json_schema", "ebnf"):
+            check(getattr(self, name) is None or isinstance(getattr(self, name), str), name,
+                  "must be a string")
+        grammars = [n for n in ("regex", "json_schema", "ebnf") if getattr(self, n) is not None]
+        if len(grammars) > 1:
+            raise InvalidRequest(f"sampling_params: give at most one of regex, json_schema and "
+                                 f"ebnf, got {' and '.join(grammars)}")
 
     @property
     def greedy(self) -> bool:

@@ -57,10 +57,35 @@ class _SchedulerGauges:
                                   labels=["pool"])
         usage.add_metric(["kv"], kv.get("used_pages", 0) / total if total else 0.0)
         yield usage
+        yield from self._per_device(kv)
         retractions = GaugeMetricFamily("sglang:num_retractions",
                                         "Requests retracted so far (KV pressure)", labels=[])
         retractions.add_metric([], self.stats.get("scheduler", {}).get("retractions", 0))
         yield retractions
+
+
+    def _per_device(self, kv: dict):
+        """Per attention worker's device (`gpu` label: the device name, e.g. cuda:1; on CPU
+        the stand-in workers are cpu#0, cpu#1 ...): KV pages and weight bytes held."""
+        workers = self.stats.get("workers") or [
+            {"index": 0, "device": self.stats.get("device", ""), "kv": kv,
+             "attention_bytes": self.stats.get("attention_bytes", 0),
+             "ffn_bytes_here": self.stats.get("ffn_bytes_here", 0)}]
+        used = GaugeMetricFamily("sglang_crosspool:gpu_kv_pages_used",
+                                 "KV pages in use on the device", labels=["gpu"])
+        total = GaugeMetricFamily("sglang_crosspool:gpu_kv_pages_total",
+                                  "KV pages of the device's pool", labels=["gpu"])
+        weights = GaugeMetricFamily("sglang_crosspool:gpu_weight_bytes",
+                                    "Weight bytes held by the device's attention worker "
+                                    "process (kind: attention side, or FFN held in process)",
+                                    labels=["gpu", "kind"])
+        for w in workers:
+            gpu = w["device"] if w["device"] != "cpu" else f"cpu#{w['index']}"
+            used.add_metric([gpu], (w.get("kv") or {}).get("used_pages") or 0)
+            total.add_metric([gpu], (w.get("kv") or {}).get("total_pages") or 0)
+            weights.add_metric([gpu, "attention"], w.get("attention_bytes") or 0)
+            weights.add_metric([gpu, "ffn"], w.get("ffn_bytes_here") or 0)
+        yield from (used, total, weights)
 
 
 class ServerMetrics:

@@ -58,10 +58,35 @@ async def retrieve_model(model: str, request: Request):
 # -- shared request handling ---------------------------------------------------------------------
 
 
+def _response_format(fmt) -> dict:
+    """OpenAI's `response_format` as SGLang's constraint: `json_object` is any JSON object,
+    `json_schema` its schema (followed whether `strict` is set or not), `text` none."""
+    if fmt is None:
+        return {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema: expected a JSON schema "
+                                "(an object)", param="response_format")
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise ApiError(400, "response_format.json_schema.strict: expected a boolean",
+                           param="response_format")
+        return {"json_schema": json.dumps(schema)}
+    raise ApiError(400, f"response_format.type: expected one of text, json_object, "
+                        f"json_schema, got {kind!r}", param="response_format")
+
+
 def _sampling(body: dict, prompt_len: int, context_length: int, chat: bool) -> dict:
     """SGLang sampling_params from an OpenAI body."""
     params = {dst: body[src] for src, dst in _RENAMED.items() if body.get(src) is not None}
     params.update({k: body[k] for k in _EXTRAS if body.get(k) is not None})
+    params.update(_response_format(body.get("response_format")))
     max_tokens = body.get("max_completion_tokens") if chat else None
     if max_tokens is None:
         max_tokens = body.get("max_tokens")

@@ -147,3 +147,17 @@ def limited_server(model_paths, tmp_path_factory):
                      api_key="sk-test-key")
     yield s
     stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def launch_module_server(tmp_path_factory):
+    """Like launch_server, for servers shared by the tests of one module."""
+    started = []
+
+    def launch(paths: dict[str, str], *extra: str):
+        started.append(start_server(tmp_path_factory.mktemp("module-server"), paths, *extra))
+        return started[-1]
+
+    yield launch
+    for s in started:
+        stop_server(s)

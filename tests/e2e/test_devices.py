@@ -1,0 +1,109 @@
+"""One server over several devices (`--devices`): an attention worker process per device, the
+models placed over them, each worker with its own KV pool; CPU processes stand in for GPUs.
+
+Every pool mode gives, for every model, the greedy tokens of a one-device server; the stats
+and `/metrics` report each device; a worker killed mid-request ends its requests with an error
+naming it while the other worker keeps serving, and its models get 503.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sglang_crosspool.testing.checkpoints import make_model
+
+MODELS = {"qwen": ("qwen3_moe", 1), "mixtral": ("mixtral", 2), "olmoe": ("olmoe", 3)}
+PROMPTS = [[5, 6, 7, 8], list(range(40, 58))]
+GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def three_models(model_paths, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("device-models")
+    return {name: str(make_model(root / name, arch, seed=seed))
+            for name, (arch, seed) in MODELS.items()}
+
+
+def outputs(server) -> dict:
+    got = {}
+    for name in MODELS:
+        r = server.post("/generate", json={"model": name, "input_ids": PROMPTS,
+                                           "sampling_params": GREEDY})
+        assert r.status_code == 200, r.text
+        got[name] = [o["output_ids"] for o in r.json()]
+    return got
+
+
+@pytest.fixture(scope="module")
+def one_device(three_models, launch_module_server):
+    return outputs(launch_module_server(three_models))
+
+
+@pytest.mark.parametrize("devices, mode", [
+    ("cpu,cpu", ["--pool-mode", "monolithic"]),
+    ("cpu,cpu,cpu", ["--pool-mode", "monolithic"]),
+    ("cpu,cpu", ["--pool-mode", "static"]),
+    ("cpu,cpu", ["--pool-mode", "crosspool", "--ffn-transport", "shm"]),
+], ids=["monolithic-2", "monolithic-3", "static-2", "crosspool-shm-2"])
+def test_models_spread_over_devices_give_one_devices_tokens(three_models, one_device,
+                                                            launch_server, devices, mode):
+    server = launch_server(three_models, "--devices", devices, *mode)
+    assert outputs(server) == one_device
+    state = server.internal_state()
+    workers = state["workers"]
+    n = len(devices.split(","))
+    assert len(workers) == n
+    placed = sorted(name for w in workers for name in w["models"])
+    assert placed == sorted(MODELS)  # every model on exactly one worker
+    # Each worker has its own KV pool; the server's pool is their sum.
+    assert state["kv"]["total_pages"] == sum(w["kv"]["total_pages"] for w in workers)
+    assert all(w["kv"]["total_pages"] > 0 and w["attention_bytes"] > 0 for w in workers)
+    if "crosspool" in mode:
+        assert all(w["ffn_bytes_here"] == 0 for w in workers)
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    gpus = {s.labels["gpu"] for s in families["sglang_crosspool:gpu_kv_pages_total"].samples}
+    assert gpus == {f"cpu#{i}" for i in range(n)}
+
+
+def test_a_killed_worker_fails_its_requests_and_the_other_serves_on(three_models,
+                                                                    launch_server):
+    server = launch_server(three_models, "--devices", "cpu,cpu")
+    workers = server.internal_state()["workers"]
+    victim = next(w for w in workers if w["index"] == 1)
+    survivor_model = next(w for w in workers if w["index"] == 0)["models"][0]
+    victim_model = victim["models"][0]
+    long = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
+    result = {}
+
+    def ask(name: str) -> None:
+        r = server.post("/generate", json={"model": name, "input_ids": [3, 4, 5],
+                                           "sampling_params": long})
+        result[name] = r
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in (victim_model, survivor_model)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=120)
+    killed = result[victim_model]
+    assert killed.status_code >= 500 or killed.json()["meta_info"]["finish_reason"]["type"] \
+        == "abort", killed.text
+    assert "attention worker 1" in killed.text
+    ok = result[survivor_model]
+    assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 400
+    late = server.post("/generate", json={"model": victim_model, "input_ids": [1, 2],
+                                          "sampling_params": GREEDY})
+    assert late.status_code == 503 and "attention worker 1" in late.text
+    again = server.post("/generate", json={"model": survivor_model, "input_ids": [1, 2],
+                                           "sampling_params": GREEDY})
+    assert again.status_code == 200
