@@ -128,17 +128,22 @@ class ServerState:
 
     async def wait_all(self, handles: list[RequestHandle], request: Request | None) -> None:
         """Waits until every handle finished; aborts them if the client disconnects first."""
-        done = asyncio.ensure_future(asyncio.gather(*(h.done for h in handles)))
+        # NOTE: waits on the handles' futures without wrapping them (a cancelled gather would
+        # log "exception was never retrieved" on every disconnect).
+        pending = {h.done for h in handles if h.done is not None and not h.done.done()}
         if request is None:
-            await done
+            if pending:
+                await asyncio.wait(pending)
             return
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            await asyncio.wait({done, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            while pending and not watcher.done():
+                finished, _ = await asyncio.wait(pending | {watcher},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                pending -= finished
         finally:
             watcher.cancel()
-        if not done.done():
-            done.cancel()
+        if pending:
             for h in handles:
                 if not h.finished:
                     self.manager.abort(h.rid, "the client disconnected")
@@ -271,7 +276,7 @@ def run_server(args) -> int:
     """Serves until SIGINT/SIGTERM (exit 0) or until the scheduler dies (exit 1)."""
     import uvicorn
 
-    from sglang_crosspool.server.engine_client import MultiprocessEngineClient
+    from sglang_crosspool.server.worker_router import make_engine_client
 
     class Server(uvicorn.Server):
         """uvicorn's server, whose shutdown first stops taking connections and lets requests
@@ -289,7 +294,7 @@ def run_server(args) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     config = args.engine_config()
     logger.info("starting the scheduler process for %s", ", ".join(config.model_names))
-    client = MultiprocessEngineClient(args, config)
+    client = make_engine_client(args, config)
     exit_code = 0
     try:
         app = create_app(args, config, client)  # loads tokenizers while the models load
