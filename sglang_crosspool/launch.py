@@ -1,7 +1,8 @@
 """`python -m sglang_crosspool.launch [flags]`: serve models over SGLang's and OpenAI's APIs.
 
 In: SGLang's launch flags (see `--help`), or none to serve the built-in demo models.
-Out: an HTTP server on --host:--port until Ctrl-C; exit code 1 if the scheduler process dies.
+Out: an HTTP server on --host:--port until SIGTERM or Ctrl-C (requests in flight get
+--shutdown-timeout seconds, then exit code 0); exit code 1 if the scheduler process dies.
 """
 
 from __future__ import annotations
