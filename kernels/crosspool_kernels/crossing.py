@@ -9,7 +9,8 @@ The protocol that uses them (who writes which buffer and flag, when) is describe
 - wait_rows: per row, spins until the row's flag reaches the receiver's own counter plus one
   (load-acquire, system scope), then advances the counter. Bounded: after `timeout_ns`
   (GPU global timer; under the interpreter, `max_spins` polls) or once the error word is set,
-  it stops and, if it was the one that timed out, writes its `code` into the error word.
+  it stops and, if it was the one that timed out, writes its `code` into the error word, and
+  into the peer's (`peer_err`) too, so that the sender learns its data was never taken.
 - wait_sum: wait_rows over S senders (one per FFN server), then out = x + sum of the S
   partial rows (float32 accumulation, one rounding), the residual add of the layer fused in.
 
@@ -33,6 +34,7 @@ ERR_NONE = 0
 ERR_TIMEOUT = 1  # codes below 100 are the receiver's own; 100 + j: waiting on FFN server j
 ERR_PEER_BASE = 100
 ERR_FAILED = 1000  # a peer reports that its forward raised; 1000 + server id
+ERR_STALLED = 2000  # FFN server j waited in vain for the attention worker's inputs: 2000 + j
 
 
 def _use_timer(device: torch.device) -> bool:
@@ -49,7 +51,8 @@ if HAS_TRITON:
         return tl.zeros((), tl.int64)
 
     @triton.jit
-    def _spin(flag_ptr, want, err_ptr, code, timeout_ns, max_spins, USE_TIMER: tl.constexpr):
+    def _spin(flag_ptr, want, err_ptr, code, timeout_ns, max_spins, USE_TIMER: tl.constexpr,
+              peer_err_ptr, HAS_PEER: tl.constexpr):
         """Polls one flag until it reaches `want`, the error word is set, or time runs out."""
         v = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
         e = tl.load(err_ptr, volatile=True)
@@ -66,6 +69,8 @@ if HAS_TRITON:
                 late = n > max_spins
         if (v < want) & (e == 0):
             tl.atomic_cas(err_ptr, 0, code, sem="relaxed", scope="sys")
+            if HAS_PEER:
+                tl.atomic_cas(peer_err_ptr, 0, code, sem="relaxed", scope="sys")
 
     @triton.jit
     def _send_rows_kernel(
@@ -90,11 +95,12 @@ if HAS_TRITON:
         tl.atomic_xchg(dst_flags + row, c, sem="release", scope="sys")
 
     @triton.jit
-    def _wait_rows_kernel(flags, counts, err_ptr, code, timeout_ns, max_spins,
-                          USE_TIMER: tl.constexpr):
+    def _wait_rows_kernel(flags, counts, err_ptr, peer_err_ptr, code, timeout_ns, max_spins,
+                          USE_TIMER: tl.constexpr, HAS_PEER: tl.constexpr):
         row = tl.program_id(0)
         want = tl.load(counts + row) + 1
-        _spin(flags + row, want, err_ptr, code, timeout_ns, max_spins, USE_TIMER)
+        _spin(flags + row, want, err_ptr, code, timeout_ns, max_spins, USE_TIMER, peer_err_ptr,
+              HAS_PEER)
         tl.store(counts + row, want)
 
     @triton.jit
@@ -107,7 +113,7 @@ if HAS_TRITON:
         for j in tl.static_range(S):
             want = tl.load(counts + j * stride_flag + row) + 1
             _spin(flags + j * stride_flag + row, want, err_ptr, 100 + j, timeout_ns, max_spins,
-                  USE_TIMER)
+                  USE_TIMER, err_ptr, False)
             tl.store(counts + j * stride_flag + row, want)
         tl.debug_barrier()
         for start in range(0, H, BLOCK_H):
@@ -145,12 +151,16 @@ def send_rows(h: torch.Tensor, ids: torch.Tensor | None, w: torch.Tensor | None,
 
 
 def wait_rows(num_rows: int, flags: torch.Tensor, counts: torch.Tensor, err: torch.Tensor,
-              code: int, timeout_ns: int, max_spins: int = 1 << 20) -> None:
-    """Waits until flags[:num_rows] reach counts + 1 (then advances counts), or an error."""
+              code: int, timeout_ns: int, max_spins: int = 1 << 20,
+              peer_err: torch.Tensor | None = None) -> None:
+    """Waits until flags[:num_rows] reach counts + 1 (then advances counts), or an error; a
+    timeout also writes `code` into `peer_err`."""
     if num_rows == 0:
         return
-    _wait_rows_kernel[(num_rows,)](flags, counts, err, code, timeout_ns, max_spins,
-                                   USE_TIMER=_use_timer(flags.device), num_warps=1)
+    _wait_rows_kernel[(num_rows,)](flags, counts, err, err if peer_err is None else peer_err,
+                                   code, timeout_ns, max_spins,
+                                   USE_TIMER=_use_timer(flags.device),
+                                   HAS_PEER=peer_err is not None, num_warps=1)
 
 
 def wait_sum(x: torch.Tensor | None, parts: torch.Tensor, out: torch.Tensor,
@@ -186,7 +196,8 @@ def send_rows_ref(h, ids, w, dst_h, dst_ids, dst_w, dst_flags, counts) -> None:
     dst_flags[:t].copy_(counts[:t])
 
 
-def _spin_ref(ready, err: torch.Tensor, code: int, timeout_ns: int) -> bool:
+def _spin_ref(ready, err: torch.Tensor, code: int, timeout_ns: int,
+              peer_err: torch.Tensor | None = None) -> bool:
     """Polls `ready()` with a growing sleep (the CPU twin runs on few cores) until it holds,
     the error word is set or time runs out; sets the error word on its own timeout."""
     deadline = time.monotonic() + timeout_ns / 1e9
@@ -197,17 +208,20 @@ def _spin_ref(ready, err: torch.Tensor, code: int, timeout_ns: int) -> bool:
         if time.monotonic() > deadline:
             if int(err[0]) == 0:
                 err[0] = code
+                if peer_err is not None and int(peer_err[0]) == 0:
+                    peer_err[0] = code
             return False
         time.sleep(pause)
         pause = min(max(pause * 2, 1e-5), 1e-3)
     return True
 
 
-def wait_rows_ref(num_rows, flags, counts, err, code, timeout_ns, max_spins=None) -> None:
+def wait_rows_ref(num_rows, flags, counts, err, code, timeout_ns, max_spins=None,
+                  peer_err=None) -> None:
     if num_rows == 0:
         return
     want = counts[:num_rows] + 1
-    _spin_ref(lambda: bool((flags[:num_rows] >= want).all()), err, code, timeout_ns)
+    _spin_ref(lambda: bool((flags[:num_rows] >= want).all()), err, code, timeout_ns, peer_err)
     counts[:num_rows] = want
 
 

@@ -98,25 +98,30 @@ class P2PFFNExecutor(FFNExecutor):
             link.step(m.Capture(plan))
         self.plan = plan
         self._order = deque(crossing_order([self.layers[model] for model, _ in plan]))
-        yield
-        self._order.clear()
-        for i, link in enumerate(self.links):
-            reply = link.await_reply(self.pool.spec.start_timeout_s)
+        try:
+            yield
+        finally:  # every server answers once, also when this side's capture failed
+            self._order.clear()
+            replies = [link.await_reply(self.pool.spec.start_timeout_s) for link in self.links]
+        for i, reply in enumerate(replies):
             if isinstance(reply, m.Failed):
                 self._break(f"FFN server {i} could not capture {plan}: {reply.message}")
 
     # -- faults ----------------------------------------------------------------------------------
 
     def _describe(self, code: int, reports) -> str:
-        from crosspool_kernels.crossing import ERR_FAILED, ERR_PEER_BASE
+        from crosspool_kernels.crossing import ERR_FAILED, ERR_PEER_BASE, ERR_STALLED
 
         parts = []
-        if ERR_PEER_BASE <= code < ERR_FAILED:
+        if code >= ERR_STALLED:
+            parts.append(f"FFN server {code - ERR_STALLED} waited {self.end.layout.timeout_s} s "
+                         f"for this worker's inputs (a stalled step); its outputs were dropped")
+        elif ERR_PEER_BASE <= code < ERR_FAILED:
             j = code - ERR_PEER_BASE
             death = self.links[j].alive()
             parts.append(f"FFN server {j} " + (death or f"sent no output within "
                                                         f"{self.end.layout.timeout_s} s"))
-        elif code >= ERR_FAILED:
+        elif ERR_FAILED <= code < ERR_STALLED:
             parts.append(f"FFN server {code - ERR_FAILED} failed")
         elif code:
             parts.append(f"crossing error {code}")

@@ -53,7 +53,7 @@ class PoolSpec:
     attention_device: str = "cpu"  # of this process: where outputs land
     echo: dict | None = None  # benchmarks: servers hold no model, FFN(h) = h (name -> hidden)
     load_format: str = "auto"  # models/checkpoint.open_checkpoint
-    step_timeout_s: float = 10.0  # p2p: bound of every device-side wait
+    step_timeout_s: float = 20.0  # p2p: bound of every device-side wait
 
     @property
     def servers(self) -> int:

@@ -61,7 +61,7 @@ class P2PLayout:
     hidden: int  # largest hidden size over the models
     max_top_k: int
     dtype: str  # torch dtype name of hidden states
-    timeout_s: float = 10.0  # bound of every wait
+    timeout_s: float = 20.0  # bound of every wait (a dead peer is caught by a watchdog first)
 
     def sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype) inside one rank's arena."""
@@ -285,11 +285,14 @@ class FFNEnd(_End):
 
     def wait(self, slot: int, num_rows: int, hidden: int, top_k: int):
         """Views of the slot's hidden states [T, H] and, when top_k, ids and weights [T, k]."""
-        from crosspool_kernels.crossing import ERR_TIMEOUT
+        from crosspool_kernels.crossing import ERR_STALLED
 
         mine = self.mine
+        # A timeout here is told to the attention worker too: it must not take this step's
+        # outputs, computed from inputs that never came.
         self._wait(num_rows, mine["in_flags"][slot], self.received[0, slot], mine["err"],
-                   ERR_TIMEOUT, self.layout.timeout_ns)
+                   ERR_STALLED + self.server_id, self.layout.timeout_ns,
+                   peer_err=self.peers[0]["err"])
         h = mine["in_h"][slot, : num_rows * hidden].view(num_rows, hidden)
         if not top_k:
             return h, None, None

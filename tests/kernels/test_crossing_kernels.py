@@ -56,6 +56,15 @@ def test_a_wait_with_nothing_sent_times_out_and_names_itself(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_a_receiver_that_times_out_tells_the_sender(impl):
+    wait = k.wait_rows if impl == "triton" else k.wait_rows_ref
+    a, peer_err = areas(), torch.zeros(4, dtype=torch.int32)
+    wait(T, a["flags"], a["received"], a["err"], k.ERR_STALLED + 1, timeout_ns=2 * 10**7,
+         max_spins=200, peer_err=peer_err)
+    assert int(a["err"][0]) == int(peer_err[0]) == k.ERR_STALLED + 1
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("with_x", [True, False])
 def test_wait_sum_adds_every_senders_rows_to_the_residual(impl, with_x):
     wait_sum = k.wait_sum if impl == "triton" else k.wait_sum_ref
