@@ -106,7 +106,8 @@ class EngineCore:
             s = entry.spec
             self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
                                    cfg.torch_dtype,
-                                   max_tokens=entry.context_length * cfg.max_running_requests)
+                                   max_tokens=entry.context_length * cfg.max_running_requests,
+                                   latent=s.kv_latent)
         if cfg.pool_mode == "static":
             # Each model gets a fixed, equal slice of the budget that others cannot use.
             share = pages // len(cfg.models)

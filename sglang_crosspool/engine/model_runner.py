@@ -27,7 +27,7 @@ class ModelRunner:
         self.name = name
         self.model = attn_half
         self.kv = kv
-        self.backend = backend
+        self.backend = attn_half.attention_backend(backend)
         self.ffn = ffn
 
     @property

@@ -8,6 +8,9 @@ offset) from the shared budget; freeing it unmaps them and returns them to the b
 see ordinary tensors `k[layer]`, `v[layer]` of shape [slots, kv_heads, head_dim] and index them
 with slot numbers computed from a request's block list (its page table).
 
+A *latent* model (MLA: DeepSeek-V2) caches one vector per token and layer, from which keys and
+values are both derived: it has only the K ranges (L pages a block), and `v` is `k`.
+
 Creating a physical page costs more than mapping it (on CUDA, cuMemCreate), so the pool keeps
 a *reserve*: up to `reserve_pages` created pages that are not mapped anywhere. Allocation maps
 reserve pages first and creates the rest; a free refills the reserve before it destroys pages.
@@ -42,10 +45,11 @@ class ModelKV:
     free_blocks: list[int] = field(default_factory=list)
     blocks_in_use: int = 0
     quota_pages: int | None = None  # static pool mode: this model's fixed slice
+    latent: bool = False  # one range per layer (v_ranges empty, v is k)
 
     @property
     def pages_per_block(self) -> int:
-        return 2 * self.num_layers
+        return len(self.k_ranges) + len(self.v_ranges)
 
 
 class KVPool:
@@ -70,20 +74,24 @@ class KVPool:
 
     def add_model(
         self, name: str, num_layers: int, kv_heads: int, head_dim: int,
-        dtype: torch.dtype, max_tokens: int,
+        dtype: torch.dtype, max_tokens: int, latent: bool = False,
     ) -> ModelKV:
+        """Reserves `name`'s ranges. `latent`: kv_heads x head_dim is the one vector a token
+        caches per layer (MLA), kept in the K range; no V range is reserved or mapped."""
         slot_bytes = kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         if self.page_bytes % slot_bytes:
+            what = "latent" if latent else "K"
             raise KVPoolError(
-                f"model {name}: one token's K of one layer is {slot_bytes} bytes, which does not "
-                f"divide the {self.page_bytes}-byte page"
+                f"model {name}: one token's {what} of one layer is {slot_bytes} bytes, which does "
+                f"not divide the {self.page_bytes}-byte page (choose a page size that it divides)"
             )
         block_tokens = self.page_bytes // slot_bytes
         num_blocks = -(-max_tokens // block_tokens)
         # Block 0 is never allocated: the backend's shared guard page sits under it in every
         # range (see PageBackend.map_guard), so blocks 1..num_blocks serve requests.
         k_ranges = [self.backend.reserve(num_blocks + 1) for _ in range(num_layers)]
-        v_ranges = [self.backend.reserve(num_blocks + 1) for _ in range(num_layers)]
+        v_ranges = [] if latent else [self.backend.reserve(num_blocks + 1)
+                                      for _ in range(num_layers)]
         for vrange in k_ranges + v_ranges:
             self.backend.map_guard(vrange, 0)
         slots = (num_blocks + 1) * block_tokens
@@ -91,9 +99,10 @@ class KVPool:
         def views(ranges):
             return [r.view(dtype, slots, kv_heads, head_dim) for r in ranges]
 
+        k = views(k_ranges)
         kv = ModelKV(name, num_layers, block_tokens, num_blocks, k_ranges, v_ranges,
-                     views(k_ranges), views(v_ranges),
-                     free_blocks=list(range(1, num_blocks + 1))[::-1])
+                     k, k if latent else views(v_ranges),
+                     free_blocks=list(range(1, num_blocks + 1))[::-1], latent=latent)
         self.models[name] = kv
         return kv
 

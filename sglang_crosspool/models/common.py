@@ -133,7 +133,16 @@ class AttentionHalf:
         else:
             self.lm_head = self.embed
         self.layers = [self._load_layer(i, load) for i in range(s.num_layers)]
-        self.rotary = Rotary(s.head_dim, s.rope_theta, s.max_position_embeddings, device, dtype)
+        self.rotary = self._rotary()
+
+    def _rotary(self):
+        s = self.spec
+        return Rotary(s.head_dim, s.rope_theta, s.max_position_embeddings, self.device, self.dtype)
+
+    def attention_backend(self, backend):
+        """What computes attention over this model's KV cache: the engine's backend, unless
+        the architecture brings its own (MLA over a latent cache)."""
+        return backend
 
     def _load_layer(self, i: int, load) -> AttnLayer:
         s, p = self.spec, f"model.layers.{i}."
@@ -254,6 +263,7 @@ class FFNHalf:
     moe_prefixes: tuple[str, ...] = ("mlp.",)
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     shared_prefix: str | None = None  # e.g. "mlp.shared_expert." (with gate "mlp.shared_expert_gate")
+    shared_gated: bool = True  # the shared expert's output passes a sigmoid gate (Qwen2-MoE)
 
     def __init__(
         self,
@@ -294,8 +304,9 @@ class FFNHalf:
             shared = self._dense(files, sp + "gate_proj.weight", sp + "up_proj.weight",
                                  sp + "down_proj.weight", n)
             layer.shared_w13, layer.shared_w2 = shared.shared_w13, shared.shared_w2
-            gate_key = p + self.shared_prefix.rstrip(".") + "_gate.weight"
-            layer.shared_gate = self._load(files, gate_key, shape=(1, h))
+            if self.shared_gated:
+                gate_key = p + self.shared_prefix.rstrip(".") + "_gate.weight"
+                layer.shared_gate = self._load(files, gate_key, shape=(1, h))
         return layer
 
     def _dense(self, files, gate_key, up_key, down_key, inter: int) -> FFNLayer:

@@ -4,9 +4,13 @@ In: a checkpoint directory (config.json, optional generation_config.json).
 Out: a frozen `ModelSpec` with every number the engine, the KV pool and the planner need.
 
 Checkpoints spell some fields differently across families and transformers versions
-(`num_experts` / `num_local_experts`, `rope_theta` / `rope_parameters`); each field is read
-from the first spelling present, and a missing or malformed field raises `CheckpointError`
-naming the file and the field.
+(`num_experts` / `num_local_experts` / `n_routed_experts`, `rope_theta` / `rope_parameters`);
+each field is read from the first spelling present, and a missing or malformed field raises
+`CheckpointError` naming the file and the field.
+
+DeepSeek-V2 adds multi-head latent attention (`MLASpec`), YaRN rotary scaling (`YarnRope`) and
+grouped top-k routing (`RouterSpec`); for an MLA model `num_kv_heads` and `head_dim` describe
+what the KV cache holds per token and layer: one latent "head" of kv_lora_rank + rope dims.
 """
 
 from __future__ import annotations
@@ -22,6 +26,54 @@ class CheckpointError(ValueError):
 
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Architectures whose models apply YaRN rotary scaling; elsewhere it is refused, not ignored.
+_YARN_MODEL_TYPES = ("deepseek_v2",)
+_TOPK_METHODS = ("greedy", "group_limited_greedy")
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2): q through an optional low-rank (q_lora_rank),
+    keys and values from one shared latent of kv_lora_rank plus a roped key of rope dims."""
+
+    q_lora_rank: int | None  # None: q_proj straight from the hidden states
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token and layer: the normalized latent, then the roped key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class YarnRope:
+    """YaRN rotary scaling, the fields of `rope_parameters` (or `rope_scaling`) as given."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How the router picks experts from its softmax scores (DeepSeek's options)."""
+
+    topk_method: str = "greedy"  # or "group_limited_greedy": top-k within the best groups
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +104,9 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     checkpoint_dtype: str
+    mla: MLASpec | None = None  # None: attention with K and V heads
+    yarn: YarnRope | None = None  # None: the default rotary embedding
+    router: RouterSpec = RouterSpec()
 
     @property
     def q_size(self) -> int:
@@ -61,9 +116,15 @@ class ModelSpec:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def kv_latent(self) -> bool:
+        """The KV cache holds one latent per token and layer (K range only, no V range)."""
+        return self.mla is not None
+
     def kv_bytes_per_token(self, dtype: str) -> int:
-        """K and V of one token across all layers."""
-        return 2 * self.num_layers * self.kv_size * _DTYPE_BYTES[dtype]
+        """K and V (or the MLA latent) of one token across all layers."""
+        ranges = 1 if self.kv_latent else 2
+        return ranges * self.num_layers * self.kv_size * _DTYPE_BYTES[dtype]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -118,20 +179,80 @@ def _names(kind) -> str:
     return " or ".join(k.__name__ for k in _tuple(kind))
 
 
-def _rope_theta(cfg: ConfigReader) -> float:
+def _rope(cfg: ConfigReader, yarn_ok: bool) -> tuple[float, YarnRope | None]:
+    """rope_theta, and the YaRN parameters where the config asks for YaRN."""
     params = cfg.raw.get("rope_parameters") or cfg.raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise CheckpointError(f"{cfg.file}: field 'rope_parameters' must be an object")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
+    supported = ("default", None, "yarn") if yarn_ok else ("default", None)
+    if rope_type not in supported:
+        only = "the default rotary embedding and YaRN are" if yarn_ok else \
+            "only the default rotary embedding is"
         raise CheckpointError(
             f"{cfg.file}: field 'rope_parameters.rope_type' = {rope_type!r} is not supported "
-            "(only the default rotary embedding is)"
+            f"({only})"
         )
     theta = params.get("rope_theta", cfg.raw.get("rope_theta", 10000.0))
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise CheckpointError(f"{cfg.file}: field 'rope_theta' must be a positive number")
-    return float(theta)
+    return float(theta), _yarn(cfg, params) if rope_type == "yarn" else None
+
+
+def _yarn(cfg: ConfigReader, params: dict) -> YarnRope:
+    rope = ConfigReader(params, cfg.file)
+    number = (int, float)
+    factor = rope.get("factor", kind=number)
+    if factor <= 0:
+        raise CheckpointError(f"{cfg.file}: field 'rope_parameters.factor' must be > 0")
+    # transformers falls back to max_position_embeddings, as here.
+    original = rope.get("original_max_position_embeddings",
+                        default=cfg.get("max_position_embeddings", default=4096))
+    optional = {name: rope.get(name, default=None, kind=number)
+                for name in ("mscale", "mscale_all_dim", "attention_factor")}
+    return YarnRope(
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        beta_fast=float(rope.get("beta_fast", default=32, kind=number)),
+        beta_slow=float(rope.get("beta_slow", default=1, kind=number)),
+        truncate=rope.get("truncate", default=True, kind=bool),
+        **optional,
+    )
+
+
+def _mla(cfg: ConfigReader) -> MLASpec | None:
+    if "kv_lora_rank" not in cfg.raw:
+        return None
+    q_lora = cfg.get("q_lora_rank", default=None)
+    if q_lora is not None and q_lora <= 0:
+        raise CheckpointError(f"{cfg.file}: field 'q_lora_rank' must be > 0 or null")
+    return MLASpec(
+        q_lora_rank=q_lora,
+        kv_lora_rank=cfg.positive("kv_lora_rank"),
+        qk_nope_head_dim=cfg.positive("qk_nope_head_dim"),
+        qk_rope_head_dim=cfg.positive("qk_rope_head_dim"),
+        v_head_dim=cfg.positive("v_head_dim"),
+    )
+
+
+def _router(cfg: ConfigReader, num_experts: int) -> RouterSpec:
+    scoring = cfg.get("scoring_func", default="softmax", kind=str)
+    if scoring != "softmax":
+        raise CheckpointError(f"{cfg.file}: field 'scoring_func' = {scoring!r} is not supported "
+                              "(only softmax is)")
+    method = cfg.get("topk_method", default="greedy", kind=str)
+    if method not in _TOPK_METHODS:
+        raise CheckpointError(f"{cfg.file}: field 'topk_method' = {method!r} is not supported; "
+                              f"supported: {', '.join(_TOPK_METHODS)}")
+    n_group, topk_group = 1, 1
+    if method == "group_limited_greedy":
+        n_group, topk_group = cfg.positive("n_group"), cfg.positive("topk_group")
+        if num_experts % n_group or topk_group > n_group:
+            raise CheckpointError(
+                f"{cfg.file}: group-limited routing needs n_group ({n_group}) to divide the "
+                f"experts ({num_experts}) and topk_group ({topk_group}) <= n_group")
+    scale = cfg.get("routed_scaling_factor", default=1.0, kind=(int, float))
+    return RouterSpec(method, n_group, topk_group, float(scale))
 
 
 def _eos_ids(config: dict, generation: dict) -> tuple[int, ...]:
@@ -166,7 +287,7 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
             f"num_key_value_heads ({num_kv_heads})"
         )
     num_layers = cfg.positive("num_hidden_layers")
-    num_experts = cfg.positive("num_experts", "num_local_experts")
+    num_experts = cfg.positive("num_experts", "num_local_experts", "n_routed_experts")
     top_k = cfg.positive("num_experts_per_tok")
     if top_k > num_experts:
         raise CheckpointError(f"{file}: num_experts_per_tok ({top_k}) > num_experts")
@@ -176,8 +297,13 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         raise CheckpointError(f"{file}: missing field 'moe_intermediate_size' or 'intermediate_size'")
     sparse_step = cfg.get("decoder_sparse_step", default=1)
     mlp_only = set(cfg.get("mlp_only_layers", default=[], kind=list))
+    # DeepSeek: the first first_k_dense_replace layers are dense, then every moe_layer_freq-th.
+    first_dense = cfg.get("first_k_dense_replace", default=0)
+    moe_freq = max(cfg.get("moe_layer_freq", default=1), 1)
     moe_layers = tuple(
-        i not in mlp_only and (i + 1) % max(sparse_step, 1) == 0 for i in range(num_layers)
+        i not in mlp_only and (i + 1) % max(sparse_step, 1) == 0 and i >= first_dense
+        and i % moe_freq == 0
+        for i in range(num_layers)
     )
     if not all(moe_layers) and dense_intermediate <= 0:
         raise CheckpointError(f"{file}: dense layers need field 'intermediate_size'")
@@ -189,6 +315,12 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         )
     dtype = raw.get("torch_dtype", raw.get("dtype", "float32"))
     bias = cfg.get("attention_bias", "qkv_bias", default=model_type == "qwen2_moe", kind=bool)
+    rope_theta, yarn = _rope(cfg, model_type in _YARN_MODEL_TYPES)
+    mla = _mla(cfg) if model_type == "deepseek_v2" else None
+    if mla is not None:  # the cache holds one latent per token (num_key_value_heads is unused)
+        num_kv_heads, head_dim = 1, mla.latent_dim
+    shared = cfg.get("shared_expert_intermediate_size", default=0) or \
+        cfg.get("n_shared_experts", default=0) * moe_intermediate
     return ModelSpec(
         model_type=model_type,
         path=str(model_dir),
@@ -199,13 +331,13 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", default=1e-6, kind=(int, float))),
-        rope_theta=_rope_theta(cfg),
+        rope_theta=rope_theta,
         max_position_embeddings=cfg.positive("max_position_embeddings", default=4096),
         num_experts=num_experts,
         top_k=top_k,
         moe_intermediate_size=moe_intermediate,
         norm_topk_prob=cfg.get("norm_topk_prob", default=model_type == "mixtral", kind=bool),
-        shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", default=0),
+        shared_expert_intermediate_size=shared,
         dense_intermediate_size=dense_intermediate,
         moe_layers=moe_layers,
         attention_bias=bias,
@@ -214,4 +346,7 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         eos_token_ids=_eos_ids(raw, generation),
         bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
         checkpoint_dtype=dtype if dtype in _DTYPE_BYTES else "float32",
+        mla=mla,
+        yarn=yarn,
+        router=_router(cfg, num_experts),
     )

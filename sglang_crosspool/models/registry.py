@@ -16,6 +16,7 @@ _MODULES = {
     "qwen2_moe": "sglang_crosspool.models.qwen2_moe",
     "mixtral": "sglang_crosspool.models.mixtral",
     "olmoe": "sglang_crosspool.models.olmoe",
+    "deepseek_v2": "sglang_crosspool.models.deepseek_v2",
 }
 
 

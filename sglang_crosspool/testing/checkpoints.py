@@ -1,8 +1,9 @@
 """Synthesize real Hugging Face MoE checkpoints with random weights.
 
-In: an architecture (``ARCHS``), a size (``SIZES``: ``tiny``/``small`` for every architecture, or
-the name of a real model whose shapes are copied from its published config.json), a seed, a
-dtype, a shard count, an expert layout and optional config overrides.
+In: an architecture (``ARCHS``, or ``MLA_ARCHS``), a size (``SIZES``: ``tiny``/``small`` for every
+architecture of ARCHS, ``tiny`` for MLA_ARCHS, or the name of a real model whose shapes are
+copied from its published config.json), a seed, a dtype, a shard count, an expert layout and
+optional config overrides.
 Out: a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads, holding
 config.json, generation_config.json, model.safetensors (or ``model-0000X-of-0000N.safetensors`` +
 ``model.safetensors.index.json``) and the tokenizer files of ``testing.tokenizer``.
@@ -53,6 +54,10 @@ from sglang_crosspool.testing.tokenizer import (
 )
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+# Multi-head latent attention (DeepSeek-V2): CPU attention only so far, so kept out of ARCHS,
+# which tests iterate over every attention backend and transport.
+MLA_ARCHS = ("deepseek_v2",)
+ALL_ARCHS = ARCHS + MLA_ARCHS
 EXPERT_LAYOUTS = ("per_expert", "fused")
 TOKENIZER_VOCAB = 1024
 
@@ -60,6 +65,12 @@ TOKENIZER_VOCAB = 1024
 def _rope(theta: float) -> dict:
     # transformers 5 keeps rope_theta inside rope_parameters (a bare rope_theta is also accepted).
     return {"rope_type": "default", "rope_theta": theta}
+
+
+def _yarn(theta: float, factor: float, original: int, mscale: float, mscale_all_dim: float):
+    return {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
+            "original_max_position_embeddings": original, "beta_fast": 32, "beta_slow": 1,
+            "mscale": mscale, "mscale_all_dim": mscale_all_dim}
 
 
 # A larger init std than HF's 0.02 keeps tiny models' logits and router scores spread out, so
@@ -122,6 +133,31 @@ SIZES: dict[str, dict[str, dict]] = {
             "norm_topk_prob": False,
             "intermediate_size": 32,
             "rope_parameters": _rope(1e4),
+        },
+        # DeepSeek-V2-Lite's layout shrunk: no q low-rank, first layer dense, 2 shared experts,
+        # YaRN with mscale = mscale_all_dim; the latent (56 + 8 floats) divides a 4 KiB page.
+        # Every head has its own keys (num_key_value_heads = heads, transformers' default).
+        "deepseek_v2": {
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "initializer_range": 0.2,
+            "num_hidden_layers": 3,
+            "first_k_dense_replace": 1,
+            "intermediate_size": 96,
+            "q_lora_rank": None,
+            "kv_lora_rank": 56,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 8,
+            "n_shared_experts": 2,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 16,
+            "norm_topk_prob": False,
+            "topk_method": "greedy",
+            "routed_scaling_factor": 1.0,
+            "max_position_embeddings": 512,
+            "rope_parameters": _yarn(1e4, 4.0, 128, 0.707, 0.707),
         },
     },
     "small": {
@@ -224,6 +260,33 @@ SIZES: dict[str, dict[str, dict]] = {
             "rope_parameters": _rope(1000000.0),
         },
     },
+    "deepseek-v2-lite": {
+        "deepseek_v2": {
+            "vocab_size": 102400,
+            "hidden_size": 2048,
+            "intermediate_size": 10944,
+            "moe_intermediate_size": 1408,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": None,
+            "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+            "n_routed_experts": 64,
+            "n_shared_experts": 2,
+            "num_experts_per_tok": 6,
+            "norm_topk_prob": False,
+            "topk_method": "greedy",
+            "n_group": 1,
+            "topk_group": 1,
+            "routed_scaling_factor": 1.0,
+            "max_position_embeddings": 163840,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": _yarn(10000.0, 40.0, 4096, 0.707, 0.707),
+        },
+    },
     "mixtral-8x7b": {
         "mixtral": {
             "vocab_size": 32000,
@@ -270,8 +333,8 @@ def build_config(
     arch: str, size: str = "tiny", vocab_size: int | None = None, **overrides
 ) -> PretrainedConfig:
     """The transformers config for (arch, size), with overrides applied last."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ALL_ARCHS}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {tuple(SIZES)}")
     if arch not in SIZES[size]:
