@@ -7,6 +7,7 @@ config.json and the test tokenizer but no weights, served with ``--load-format d
 
     python scripts/make_test_models.py --arch qwen3_moe --size tiny --out /tmp/m
     python scripts/make_test_models.py --all --out /tmp/tiny          # /tmp/tiny/<arch>
+    python scripts/make_test_models.py --arch deepseek_v2 --out /tmp/ds   # MLA, CPU only so far
     python scripts/make_test_models.py --arch qwen3_moe --size qwen3-30b-a3b --out /tmp/q \
         --dtype bfloat16 --device cuda --shards 8 --override num_hidden_layers=4
     python scripts/make_test_models.py --config-only --out /tmp/q30 \
@@ -28,7 +29,13 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:  # lets the script run without installing the package
     sys.path.insert(0, str(_REPO_ROOT))
 
-from sglang_crosspool.testing.checkpoints import ARCHS, SIZES, make_config_only, make_model
+from sglang_crosspool.testing.checkpoints import (
+    ALL_ARCHS,
+    ARCHS,
+    SIZES,
+    make_config_only,
+    make_model,
+)
 
 __all__ = ["ARCHS", "SIZES", "main", "make_config_only", "make_model"]
 
@@ -47,7 +54,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=ARCHS)
+    p.add_argument("--arch", choices=ALL_ARCHS)
     p.add_argument("--size", default="tiny", choices=tuple(SIZES))
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--all", action="store_true", help="the four tiny models under OUT/<arch>")

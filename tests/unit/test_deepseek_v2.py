@@ -99,6 +99,18 @@ def test_fused_expert_layout_gives_the_same_tokens(ds_models, tmp_path):
     assert outs[0] == outs[1]
 
 
+def test_latent_attention_serves_whatever_backend_is_named(ds_models):
+    from sglang_crosspool.engine.attention_mla import LatentAttention
+
+    outs = []
+    for backend in ("torch", "triton"):
+        engine = Engine(ds_models["greedy"], attention_backend=backend)
+        assert all(isinstance(r.backend, LatentAttention) for r in engine.core.runners.values())
+        outs.append([o["output_ids"] for o in engine.generate(input_ids=PROMPTS[:2],
+                                                              sampling_params=GREEDY)])
+    assert outs[0] == outs[1]
+
+
 def test_yarn_tables_and_softmax_scale_match_transformers(ds_models):
     from transformers import AutoConfig
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
