@@ -497,6 +497,22 @@ class EngineCore:
         self.unavailable = message
         return self.fail_all(message, 503)
 
+    def recover(self) -> bool:
+        """After the weights pool failed, with nothing in flight: restarts the FFN servers that
+        died (experts reloaded from the checkpoints), where the transport allows it; True when
+        the engine serves again."""
+        if not self.unavailable or self.states:
+            return False
+        try:
+            if not self.ffn.recover():
+                return False
+        except FFNServerError as e:
+            log.error("restarting the weights pool failed: %s", e)
+            return False
+        log.warning("the weights pool serves again (after: %s)", self.unavailable)
+        self.unavailable = None
+        return True
+
     def check_health(self) -> list[RequestState]:
         """Notices a dead FFN server while idle (the step notices it at once): the engine
         becomes unavailable; returns the requests this ended."""

@@ -59,6 +59,11 @@ class FFNExecutor(ABC):
         ask once a second."""
         return None
 
+    def recover(self) -> bool:
+        """After a failure: restarts what died, where the transport allows it, and blocks until
+        it serves again; False if it cannot. Raises FFNServerError if a restart fails."""
+        return False
+
     def local_bytes(self) -> int:
         """Bytes of FFN weights held in this process."""
         return 0

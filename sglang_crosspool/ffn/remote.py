@@ -2,13 +2,15 @@
 
 `FFNServerPool` starts one process per FFN server, hands each its share of every model's
 experts (expert e of model m lives in exactly one server, for all layers; server 0 also holds
-shared experts and dense MLPs), waits until every server reports ready, and watches them.
+shared experts and dense MLPs), waits until every server reports ready, and watches them;
+with the shm transport it can start a dead server again (`restart_dead`).
 `RemoteFFNExecutor` sends each layer's hidden states and routing only to the servers owning
 at least one chosen expert and sums their partial outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -67,6 +69,8 @@ class FFNServerPool:
         self._dir = tempfile.mkdtemp(prefix=f"crosspool-{self.uid}-")
         self.ctx = zmq.Context()
         self.procs: list[subprocess.Popen] = []
+        self._servers: list[FFNServerSpec] = []  # as started; a restart starts them again
+        self._restarts = 0
         self.links = []
         self.ready: list[m.Ready] = []
         self.end: AttentionEnd | None = None  # p2p: this side of the crossing
@@ -113,6 +117,7 @@ class FFNServerPool:
                 p2p=dict(vars(p2p), shm=shm_arena and f"cp{self.uid}p") if p2p else None,
                 echo=spec.echo, load_format=spec.load_format)
             self.links.append(self._link(sock, i, shm, ipc))
+            self._servers.append(server)
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "sglang_crosspool.ffn.server", server.to_json()]))
         if self._dist:
@@ -169,6 +174,37 @@ class FFNServerPool:
             if death:
                 return f"FFN server {i} {death}"
         return None
+
+    def can_restart(self) -> bool:
+        """Only shm servers come back alone: their segments outlive them, while the other
+        transports share a process group, CUDA mappings or a p2p arena with the dead one."""
+        return self.spec.transport == "shm"
+
+    def restart_dead(self) -> list[int]:
+        """Starts every FFN server that died again, each on a fresh control socket, and blocks
+        until they have loaded their experts; the servers alive drop what was in flight.
+        Returns the restarted ones; raises FFNServerError if one does not come up."""
+        dead = [i for i, proc in enumerate(self.procs) if proc.poll() is not None]
+        for i, link in enumerate(self.links):
+            if i in dead:
+                link.sock.close(linger=0)
+                self._restarts += 1
+                # NOTE: a new path: closing the old socket unlinks its path asynchronously.
+                addr = f"ipc://{self._dir}/ffn{i}-{self._restarts}.sock"
+                sock = self.ctx.socket(zmq.PAIR)
+                sock.bind(addr)
+                self._servers[i] = dataclasses.replace(self._servers[i], control_addr=addr)
+                self.procs[i] = subprocess.Popen([sys.executable, "-m",
+                                                  "sglang_crosspool.ffn.server",
+                                                  self._servers[i].to_json()])
+                link.reconnect(sock)
+            else:  # late answers to the failed step must not answer the next one
+                while link.sock.poll(200):
+                    link.sock.recv()
+                link.reconnect(link.sock)
+        for i in dead:
+            self.ready[i] = self._await_ready(i, self.links[i].sock)
+        return dead
 
     def close(self) -> None:
         for link in self.links:
@@ -280,6 +316,14 @@ class RemoteFFNExecutor(FFNExecutor):
 
     def failure(self) -> str | None:
         return self.broken or self.pool.failure()
+
+    def recover(self) -> bool:
+        if not self.pool.can_restart():
+            return False
+        self.pool.restart_dead()
+        self.broken = None
+        self._free_slots = list(range(self.pool.spec.slots))[::-1]
+        return True
 
     def close(self) -> None:
         self.pool.close()

@@ -5,7 +5,7 @@ Out: AddResults, BatchOutput (per-request deltas: new token ids, text, logprobs,
 plus the core's stats after the step), ControlResult.
 
     loop: idle -> block on the transport (waking once a second to check on the parent and
-                  on the FFN servers)
+                  on the FFN servers, and to restart dead ones)
           busy -> take every waiting message without blocking, then core.step()
 
 No request can stop the loop: the core isolates a request that fails in its step; an exception
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,7 @@ from sglang_crosspool.server.messages import (
 
 logger = logging.getLogger(__name__)
 IDLE_WAKE_MS = 1000
+RECOVERY_RETRY_S = 10.0  # between two attempts to restart dead FFN servers
 
 
 class Transport(Protocol):
@@ -66,6 +68,7 @@ class SchedulerLoop:
         self.transport = transport
         self.sent: dict[str, _Sent] = {}
         self.states: dict[str, RequestState] = {}  # requests not yet reported finished
+        self._recover_at = 0.0  # no attempt to restart dead FFN servers before this time
         self.handlers = {
             AddRequests: self._add,
             AbortRequest: self._abort,
@@ -108,12 +111,19 @@ class SchedulerLoop:
             logger.exception("scheduler: the engine step failed; ending the requests in flight")
             return self.core.fail_all(f"the engine step failed: {type(e).__name__}: {e}")
 
-    def _check_health(self) -> None:
-        """Pushes the news when an FFN server died while the engine was idle."""
+    def _check_health(self, recover: bool = True) -> None:
+        """Pushes the news when an FFN server died while the engine was idle; once that news is
+        out, restarts what died (meanwhile the loop blocks: new requests wait)."""
         was = self.core.unavailable
         ended = self.core.check_health()
         if ended or self.core.unavailable != was:
             self.transport.send(BatchOutput([self._update(s) for s in ended], self.core.stats()))
+            return
+        if recover and self.core.unavailable and time.monotonic() >= self._recover_at:
+            if self.core.recover():
+                self.transport.send(BatchOutput([], self.core.stats()))
+            else:
+                self._recover_at = time.monotonic() + RECOVERY_RETRY_S
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -174,7 +184,7 @@ class SchedulerLoop:
 
     def _control(self, msg: ControlRequest) -> None:
         if msg.kind == "health":
-            self._check_health()
+            self._check_health(recover=False)
             result = {"unavailable": self.core.unavailable}
         elif msg.kind == "stats":
             result = {**self.core.stats(), "pid": os.getpid(), "in_flight": len(self.states)}

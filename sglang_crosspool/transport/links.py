@@ -37,6 +37,13 @@ class _LinkBase:
         self._done: set[int] = set()
         self._pending: dict[int, tuple] = {}  # slot -> shape of the submitted hidden states
 
+    def reconnect(self, sock: zmq.Socket) -> None:
+        """Starts over on `sock` (a restarted server's, or the same one drained): what was in
+        flight is forgotten."""
+        self.sock = sock
+        self._done.clear()
+        self._pending.clear()
+
     def _control(self, msg) -> None:
         # NOTE: a PAIR socket blocks a send while its peer is gone; poll so a dead server is
         # an error, not a hang.

@@ -184,7 +184,7 @@ def test_body_limit_then_sigterm_drains_and_cleans_up(model_paths, launch_server
     assert plain["r"].status_code == 503, plain["r"].text
     assert "shut down" in plain["r"].json()["error"]["message"]
     assert s.proc.returncode == 0, s.log.read_text()
-    assert 1.5 < took < 2 + 10, took  # waited for the requests, then no longer than needed
+    assert 1.5 < took < 2 + 20, took  # waited for the requests, then no longer than needed
     assert '"length"' in short[-2] and short[-1] == "data: [DONE]"  # finished in time
     cut = [out for out in long_outs if "shut down" in "".join(out)]
     assert cut, long_outs  # the rest ended with an error
@@ -211,28 +211,35 @@ def _ffn_server_pids(scheduler_pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc").is_dir() or not Path("/dev/shm").is_dir(),
                     reason="reads /proc and /dev/shm")
-def test_dead_ffn_server_makes_health_503_and_shutdown_is_clean(model_paths, launch_server,
-                                                                private_tmp):
+def test_a_dead_ffn_server_is_503_then_restarted_and_shutdown_is_clean(model_paths,
+                                                                      launch_server,
+                                                                      private_tmp):
     s = launch_server({"qwen-a": model_paths["qwen-a"]}, "--skip-server-warmup",
                       "--pool-mode", "crosspool", "--ffn-servers", "2", "--ffn-transport", "shm")
-    still_serves(s)
+    greedy = {"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0,
+                                                   "ignore_eos": True}}
+    before = s.post("/models/qwen-a/generate", json=greedy).json()["output_ids"]
     scheduler = s.internal_state()["scheduler_pid"]
-    victims = _ffn_server_pids(scheduler)
-    assert len(victims) == 2
+    servers = _ffn_server_pids(scheduler)
+    assert len(servers) == 2
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"cp{scheduler}-")]
-    os.kill(victims[1], signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while s.get("/health").status_code == 200:  # noticed while idle, within a second or so
-        assert time.monotonic() < deadline, "a dead FFN server left /health at 200"
-        time.sleep(0.2)
-    assert s.get("/health").status_code == 503
-    r = s.post("/models/qwen-a/generate", json=OK_BODY)
+    os.kill(servers[1], signal.SIGKILL)
+    r = s.post("/models/qwen-a/generate", json=greedy)  # the step or the idle check sees it
     assert r.status_code == 503 and "FFN server 1" in r.json()["error"]["message"], r.text
-    assert _sigterm_and_wait(s) < 15
+    assert s.get("/health").status_code == 503  # while it restarts
+    deadline = time.monotonic() + 90
+    while s.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "the dead FFN server was not restarted"
+        time.sleep(0.2)
+    after = s.post("/models/qwen-a/generate", json=greedy)
+    assert after.status_code == 200 and after.json()["output_ids"] == before
+    restarted = _ffn_server_pids(scheduler)
+    assert len(restarted) == 2 and servers[0] in restarted and servers[1] not in restarted
+    assert _sigterm_and_wait(s) < 20
     assert s.proc.returncode == 0, s.log.read_text()
     assert not list(private_tmp.iterdir()), list(private_tmp.iterdir())
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"cp{scheduler}-")]
-    assert not any(Path(f"/proc/{p}").exists() for p in victims)
+    assert not any(Path(f"/proc/{p}").exists() for p in restarted)
 
 
 def test_a_huge_prompt_does_not_stall_the_event_loop(server):
