@@ -1,10 +1,12 @@
-"""Fault scenarios for tests: an FFN server killed while requests are in flight."""
+"""Fault scenarios for tests: an FFN server killed while requests are in flight; the FFN
+server processes of a running server, found through /proc."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from pathlib import Path
 
 from sglang_crosspool.engine.core import EngineCore
 from sglang_crosspool.engine.request import EngineRequest, RequestState
@@ -27,3 +29,19 @@ def kill_ffn_server_mid_run(core: EngineCore, model: str, server: int = 1,
     while core.has_work() and time.monotonic() - start < timeout_s:
         core.step()
     return states
+
+
+def ffn_server_pids(scheduler_pid: int) -> list[int]:
+    """The pids of the FFN server processes a scheduler process started (Linux: /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == scheduler_pid and b"sglang_crosspool.ffn.server" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)

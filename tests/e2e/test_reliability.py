@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sglang_crosspool.testing.faults import ffn_server_pids
+
 OK_BODY = {"text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
 CHAT = {"model": "qwen-a", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -194,21 +196,6 @@ def test_body_limit_then_sigterm_drains_and_cleans_up(model_paths, launch_server
         httpx.get(s.url + "/health", timeout=2)
 
 
-def _ffn_server_pids(scheduler_pid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == scheduler_pid and b"sglang_crosspool.ffn.server" in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir() or not Path("/dev/shm").is_dir(),
                     reason="reads /proc and /dev/shm")
 def test_a_dead_ffn_server_is_503_then_restarted_and_shutdown_is_clean(model_paths,
@@ -220,7 +207,7 @@ def test_a_dead_ffn_server_is_503_then_restarted_and_shutdown_is_clean(model_pat
                                                    "ignore_eos": True}}
     before = s.post("/models/qwen-a/generate", json=greedy).json()["output_ids"]
     scheduler = s.internal_state()["scheduler_pid"]
-    servers = _ffn_server_pids(scheduler)
+    servers = ffn_server_pids(scheduler)
     assert len(servers) == 2
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"cp{scheduler}-")]
     os.kill(servers[1], signal.SIGKILL)
@@ -233,7 +220,7 @@ def test_a_dead_ffn_server_is_503_then_restarted_and_shutdown_is_clean(model_pat
         time.sleep(0.2)
     after = s.post("/models/qwen-a/generate", json=greedy)
     assert after.status_code == 200 and after.json()["output_ids"] == before
-    restarted = _ffn_server_pids(scheduler)
+    restarted = ffn_server_pids(scheduler)
     assert len(restarted) == 2 and servers[0] in restarted and servers[1] not in restarted
     assert _sigterm_and_wait(s) < 20
     assert s.proc.returncode == 0, s.log.read_text()
