@@ -172,7 +172,7 @@ class EngineCore:
         cfg = self.config
         models = cfg.models
         # The logits' width is the vocabulary grammars are compiled for (engine/grammar.py).
-        self.grammars = Grammars(self.config.grammar_backend, self.tokenizers,
+        self.grammars = Grammars(cfg.grammar_backend, self.tokenizers,
                                  {m.name: m.spec.vocab_size for m in models},
                                  {m.name: m.spec.eos_token_ids for m in models},
                                  any_whitespace=not cfg.constrained_json_disable_any_whitespace)
@@ -394,7 +394,8 @@ class EngineCore:
 
     def _mask_grammars(self, plans: list[_SeqPlan], logits: torch.Tensor) -> None:
         """Masks the sample rows of the batch's constrained requests, in one call."""
-        constrained = [p for p in plans if p.sample_row is not None and p.state.grammar]
+        constrained = [p for p in plans
+                       if p.sample_row is not None and p.state.grammar is not None]
         if not constrained:
             return
         masked, allowed = mask_rows(logits, [p.sample_row for p in constrained],

@@ -82,6 +82,7 @@ class Grammars:
         self._lock = threading.Lock()  # _compilers is filled from the worker thread
         self._cache: OrderedDict[tuple[str, GrammarKey], concurrent.futures.Future] = \
             OrderedDict()
+        self._parsed: OrderedDict[GrammarKey, None] = OrderedDict()  # checked, not compiled
         self._pool = None
         self._threads = threads
         self.compiled = 0  # grammars compiled (cache misses)
@@ -96,8 +97,8 @@ class Grammars:
                                  f"on this server (--grammar-backend none)")
         if not isinstance(key.text, str):
             raise InvalidRequest(f"sampling_params.{key.kind}: expected a string")
-        if (model, key) in self._cache:
-            return
+        if (model, key) in self._cache or key in self._parsed:
+            return  # NOTE: a request is validated twice (the batch first, then each add)
         import xgrammar as xgr
 
         try:
@@ -113,6 +114,9 @@ class Grammars:
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others
             raise InvalidRequest(f"sampling_params.{key.kind}: invalid {_NAMES[key.kind]}: "
                                  f"{compiler_message(e)}") from None
+        self._parsed[key] = None
+        while len(self._parsed) > CACHE_ENTRIES:
+            self._parsed.popitem(last=False)
 
     def compile(self, model: str, key: GrammarKey) -> concurrent.futures.Future:
         """A Future of the compiled grammar (shared by every request with the same grammar)."""
