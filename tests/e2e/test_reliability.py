@@ -177,9 +177,11 @@ def test_body_limit_then_sigterm_drains_and_cleans_up(model_paths, launch_server
     threads.append(threading.Thread(target=not_streamed))
     threads[0].start()
     assert started.wait(30)
-    for t in threads[1:]:
+    for t in threads[1:-1]:
         t.start()
-    time.sleep(0.3)  # the long ones are queued
+    time.sleep(0.2)  # the long streamed ones are queued first ...
+    threads[-1].start()  # ... so the plain one waits behind six times 500 tokens
+    time.sleep(0.3)
     took = _sigterm_and_wait(s)
     for t in threads:
         t.join(timeout=30)
