@@ -199,16 +199,12 @@ def _ffn_link(pool_mode: str, transport: str, device: str, ffn_device: str,
         # index, and the server on GPU 1 crashed (SIGSEGV) on 2xH200. 'p2p' is that path.
         raise ValueError(f"ffn_transport: 'cuda-ipc' works only with the FFN servers on the "
                          f"attention GPU ({where}); across GPUs use 'p2p'")
-    if transport == "p2p" and attn.type == "cuda":
-        if ffn.type != "cuda":
-            raise ValueError(f"ffn_transport: 'p2p' on CUDA needs the FFN servers on a GPU "
-                             f"({where})")
-        if (attn.index or 0) == (ffn.index or 0):
-            raise ValueError(f"ffn_transport: 'p2p' spins on device flags, which needs the FFN "
-                             f"servers on another GPU than attention ({where}); put them on "
-                             f"ffn_device='cuda:1' or use 'local' on one GPU")
     if transport == "p2p" and attn.type != ffn.type:
         raise ValueError(f"ffn_transport: 'p2p' needs both sides on CUDA or both on CPU ({where})")
+    if transport == "p2p" and attn.type == "cuda" and (attn.index or 0) == (ffn.index or 0):
+        raise ValueError(f"ffn_transport: 'p2p' spins on device flags, which needs the FFN "
+                         f"servers on another GPU than attention ({where}); put them on "
+                         f"ffn_device='cuda:1' or use 'local' on one GPU")
     if transport in ("dist", "nccl") and backend == "nccl":
         if on_cpu:
             raise ValueError(f"ffn_transport: NCCL needs CUDA devices on both sides ({where}); "

@@ -74,6 +74,7 @@ class ServerArgs:
     ffn_servers: int = 1
     ffn_transport: str = "auto"
     ffn_device: str | None = None  # crosspool: where FFN servers run (default: --device)
+    devices: tuple[str, ...] = ()  # one attention worker per device (--devices); () = --device
     ffn_placement: tuple | None = None  # from --plan: ((model, ((expert ids), ...)), ...)
     pipeline_microbatches: int = 1
     kv_pages: int | None = None
@@ -116,8 +117,8 @@ class ServerArgs:
         config = EngineConfig.build(
             [m.path for m in self.models],
             served_model_name=[m.name for m in self.models],
-            device=self.device, dtype=self.dtype, context_length=self.context_length,
-            max_running_requests=self.max_running_requests,
+            device=self.devices[0] if self.devices else self.device, dtype=self.dtype,
+            context_length=self.context_length, max_running_requests=self.max_running_requests,
             chunked_prefill_size=self.chunked_prefill_size,
             kv_page_bytes=self.kv_page_bytes, kv_pages=self.kv_pages,
             kv_budget_bytes=self.kv_budget_bytes, attention_backend=self.attention_backend,
@@ -203,7 +204,7 @@ class ServerArgs:
             disable_cuda_graph=a.disable_cuda_graph,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
-            ffn_device=a.ffn_device,
+            ffn_device=a.ffn_device, devices=_devices(a.devices),
             ffn_placement=plan, pipeline_microbatches=a.pipeline_microbatches,
             kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
@@ -211,6 +212,14 @@ class ServerArgs:
             max_request_bytes=a.max_request_bytes, shutdown_timeout=a.shutdown_timeout,
             default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
+
+
+def _devices(text: str | None) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in (text or "").split(",") if d.strip())
+    for d in devices:
+        if not (d == "cpu" or d == "cuda" or d.startswith("cuda:")):
+            raise ServerArgsError(f"--devices: {d!r} is not cpu, cuda or cuda:N")
+    return devices
 
 
 def _apply_plan(a: argparse.Namespace) -> tuple | None:
@@ -249,7 +258,8 @@ def kv_pages_for_tokens(config, tokens: int) -> int:
     for entry in config.models:
         s = entry.spec
         block_tokens = max(1, page_bytes // (s.num_kv_heads * s.head_dim * elem))
-        pages = max(pages, math.ceil(tokens / block_tokens) * 2 * s.num_layers)
+        ranges = 1 if s.kv_latent else 2  # MLA: one latent range per layer, no V
+        pages = max(pages, math.ceil(tokens / block_tokens) * ranges * s.num_layers)
     return pages
 
 
@@ -481,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory on CPU); shm, dist (gloo), cuda-ipc, nccl: a message per "
                         "layer; auto (default): p2p when --ffn-device is another GPU, else "
                         "local)")
+    g.add_argument("--devices", default=None, metavar="DEV,DEV,...",
+                   help="one attention worker process per device, models placed over them by "
+                        "size (e.g. cuda:0,cuda:1; cpu,cpu stands in for two devices on CPU); "
+                        "each has its own KV pool. Default: one worker on --device")
     g.add_argument("--ffn-device", default=None, metavar="DEVICE",
                    help="crosspool: the device of the FFN servers, e.g. cuda:1 with attention "
                         "on cuda:0 (default: --device)")

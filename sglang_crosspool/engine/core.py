@@ -531,6 +531,7 @@ class EngineCore:
             "kv": self.kv_pool.stats(),
             "scheduler": self.scheduler.stats(),
             "pool_mode": self.config.pool_mode,
+            "device": self.config.device,
             "attention_bytes": sum(a.nbytes() for a in self.attention.values()),
             "ffn_bytes_here": self.ffn.local_bytes(),
             "ffn_bytes_per_server": self.ffn.server_bytes(),

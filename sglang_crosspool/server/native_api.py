@@ -298,6 +298,14 @@ async def server_info(request: Request):
             "in_flight": stats["in_flight"],
             "scheduler_pid": stats["pid"],
             "avg_spec_accept_length": None,
+            # one entry per attention worker (device): its models, KV pages, weight bytes
+            "workers": stats.get("workers") or [{
+                "index": 0, "device": stats.get("device"), "models": models,
+                "pid": stats["pid"], "kv": {k: kv.get(k) for k in (
+                    "used_pages", "total_pages", "page_bytes", "used_bytes", "total_bytes")},
+                "attention_bytes": stats.get("attention_bytes", 0),
+                "ffn_bytes_here": stats.get("ffn_bytes_here", 0),
+                "ffn_bytes_per_server": stats.get("ffn_bytes_per_server", [])}],
         }],
     }
     return JSONResponse(info)

@@ -7,7 +7,12 @@ import os
 
 import pytest
 
-from sglang_crosspool.server_args import ServerArgs, build_parser, kv_pages_for_tokens
+from sglang_crosspool.server_args import (
+    ServerArgs,
+    ServerArgsError,
+    build_parser,
+    kv_pages_for_tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +169,12 @@ def test_ffn_device_puts_the_weights_pool_on_another_gpu(ckpts):
     assert (config.device, config.ffn_device, config.ffn_transport) == \
         ("cuda:0", "cuda:1", "p2p")
     assert parse("--model-path", ckpts["qwen3_moe"]).engine_config().ffn_device == "cpu"
+
+
+def test_devices_give_one_attention_worker_each(ckpts):
+    a = parse("--model-path", ckpts["qwen3_moe"], "--devices", "cpu, cpu")
+    assert a.devices == ("cpu", "cpu")
+    assert a.engine_config().device == "cpu"
+    assert parse("--model-path", ckpts["qwen3_moe"]).devices == ()
+    with pytest.raises(ServerArgsError, match="--devices: 'gpu0'"):
+        parse("--model-path", ckpts["qwen3_moe"], "--devices", "cpu,gpu0")
