@@ -7,12 +7,7 @@ import os
 
 import pytest
 
-from sglang_crosspool.server_args import (
-    ServerArgs,
-    ServerArgsError,
-    build_parser,
-    kv_pages_for_tokens,
-)
+from sglang_crosspool.server_args import ServerArgs, build_parser, kv_pages_for_tokens
 
 
 @pytest.fixture(scope="module")
@@ -176,5 +171,5 @@ def test_devices_give_one_attention_worker_each(ckpts):
     assert a.devices == ("cpu", "cpu")
     assert a.engine_config().device == "cpu"
     assert parse("--model-path", ckpts["qwen3_moe"]).devices == ()
-    with pytest.raises(ServerArgsError, match="--devices: 'gpu0'"):
+    with pytest.raises(SystemExit):  # the launcher's usage error
         parse("--model-path", ckpts["qwen3_moe"], "--devices", "cpu,gpu0")
