@@ -31,6 +31,32 @@ def kill_ffn_server_mid_run(core: EngineCore, model: str, server: int = 1,
     return states
 
 
+def failed_cleanly(core: EngineCore, states: list[RequestState], model: str,
+                   server: int) -> list[str]:
+    """What is wrong after `kill_ffn_server_mid_run` (empty when nothing is): every request
+    ended with an abort naming FFN server `server`, no KV page is left in use, and a new
+    request is refused as unavailable with that name."""
+    from sglang_crosspool.engine.core import EngineUnavailable
+
+    name = f"FFN server {server}"
+    problems = []
+    if core.has_work():
+        problems.append("requests are still scheduled")
+    for state in states:
+        reason = state.finish_reason or {}
+        if reason.get("type") != "abort" or name not in reason.get("message", ""):
+            problems.append(f"{state.req.rid} ended with {reason}")
+    if core.stats()["kv"]["used_pages"]:
+        problems.append(f"{core.stats()['kv']['used_pages']} KV pages still in use")
+    try:
+        core.add_request(EngineRequest("late", model, [1, 2], SamplingParams()))
+        problems.append("a new request was accepted")
+    except EngineUnavailable as e:
+        if name not in str(e):
+            problems.append(f"the refusal does not name {name}: {e}")
+    return problems
+
+
 def ffn_server_pids(scheduler_pid: int) -> list[int]:
     """The pids of the FFN server processes a scheduler process started (Linux: /proc)."""
     pids = []

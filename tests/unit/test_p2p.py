@@ -9,12 +9,11 @@ import pytest
 from crosspool_scheduler.pipeline import SUBMIT, layer_pipeline
 
 from sglang_crosspool import Engine
-from sglang_crosspool.engine.core import EngineUnavailable
 from sglang_crosspool.engine.request import EngineRequest
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.ffn.p2p_executor import P2PFFNExecutor, P2PProtocolError
 from sglang_crosspool.models.common import Routing
-from sglang_crosspool.testing.faults import kill_ffn_server_mid_run
+from sglang_crosspool.testing.faults import failed_cleanly, kill_ffn_server_mid_run
 from sglang_crosspool.testing.multimodel import GREEDY, PROMPTS, run_all
 from sglang_crosspool.transport import messages as m
 from sglang_crosspool.transport.links import P2PLink
@@ -107,13 +106,7 @@ def test_killed_p2p_server_ends_requests_within_seconds_and_refuses_new_ones(tin
     try:
         start = time.monotonic()
         states = kill_ffn_server_mid_run(core, "qwen2_moe", server=1)
-        assert time.monotonic() - start < 8  # the watchdog, not the 10 s wait bound
-        assert not core.has_work()
-        for state in states:
-            assert state.finish_reason["type"] == "abort"
-            assert "FFN server 1" in state.finish_reason["message"]
-        assert core.stats()["kv"]["used_pages"] == 0
-        with pytest.raises(EngineUnavailable, match="FFN server 1"):
-            core.add_request(EngineRequest("late", "qwen2_moe", [1, 2], SamplingParams()))
+        assert time.monotonic() - start < 8  # the watchdog, not the 20 s wait bound
+        assert failed_cleanly(core, states, "qwen2_moe", server=1) == []
     finally:
         engine.shutdown()
