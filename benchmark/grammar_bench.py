@@ -92,11 +92,14 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--jump-forward", action="store_true",
+                   help="the engine's --grammar-jump-forward: forced tokens are not sampled")
     p.add_argument("--out", help="write the figures as JSON here")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp) / "model", a.arch, size=a.size, seed=0)
-        engine = Engine(str(path), device=a.device, constrained_json_disable_any_whitespace=True)
+        engine = Engine(str(path), device=a.device, constrained_json_disable_any_whitespace=True,
+                        grammar_jump_forward=a.jump_forward)
         for constraint in CASES.values():  # warm up torch and compile every grammar once
             run_case(engine, 2, 4, constraint)
         clock = GrammarClock(engine)
@@ -133,7 +136,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({
             "command": "benchmark/grammar_bench.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
-                if v is not None and k != "out"),
+                if v not in (None, False) and k != "out").replace(" True", ""),
             "results": results}, indent=1) + "\n")
 
 

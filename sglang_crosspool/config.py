@@ -67,6 +67,8 @@ class EngineConfig:
     grammar_backend: str = "xgrammar"  # xgrammar | none (engine/grammar.py)
     # JSON schemas allow any whitespace between tokens (SGLang's default) unless this is set.
     constrained_json_disable_any_whitespace: bool = False
+    # Append the tokens a grammar forces (xgrammar's jump-forward) without sampling them.
+    grammar_jump_forward: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -113,6 +115,7 @@ class EngineConfig:
         load_format: str = "auto",
         grammar_backend: str = "xgrammar",
         constrained_json_disable_any_whitespace: bool = False,
+        grammar_jump_forward: bool = False,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -162,7 +165,8 @@ class EngineConfig:
                    kv_page_backend=kv_page_backend,
                    kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries),
                    load_format=load_format, grammar_backend=grammar_backend,
-                   constrained_json_disable_any_whitespace=constrained_json_disable_any_whitespace)
+                   constrained_json_disable_any_whitespace=constrained_json_disable_any_whitespace,
+                   grammar_jump_forward=grammar_jump_forward)
 
 
 def _auto_transport(transport: str, pool_mode: str, device: str, ffn_device: str) -> str:

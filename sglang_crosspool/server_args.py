@@ -68,6 +68,7 @@ class ServerArgs:
     attention_backend: str = "auto"  # resolved by EngineConfig.build
     grammar_backend: str = "xgrammar"  # none: constrained requests get 400
     constrained_json_disable_any_whitespace: bool = False
+    grammar_jump_forward: bool = False
     disable_cuda_graph: bool = False
     cuda_graph_max_bs_decode: int | None = None
     pool_mode: str = "monolithic"
@@ -130,7 +131,8 @@ class ServerArgs:
             cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
             kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages,
             load_format=self.load_format, grammar_backend=self.grammar_backend,
-            constrained_json_disable_any_whitespace=self.constrained_json_disable_any_whitespace)
+            constrained_json_disable_any_whitespace=self.constrained_json_disable_any_whitespace,
+            grammar_jump_forward=self.grammar_jump_forward)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -201,6 +203,7 @@ class ServerArgs:
             mem_fraction_static=a.mem_fraction_static, random_seed=a.random_seed,
             attention_backend=a.attention_backend, grammar_backend=a.grammar_backend,
             constrained_json_disable_any_whitespace=a.constrained_json_disable_any_whitespace,
+            grammar_jump_forward=a.grammar_jump_forward,
             disable_cuda_graph=a.disable_cuda_graph,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
@@ -442,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--constrained-json-disable-any-whitespace", action="store_true",
                    help="JSON schemas: compact separators only, instead of any whitespace "
                         "between tokens")
+    g.add_argument("--grammar-jump-forward", action="store_true",
+                   help="append the tokens a grammar forces without sampling them (they are "
+                        "computed in the next step, like a prompt; no logprobs for them, so "
+                        "requests with return_logprob do not jump)")
 
     g = p.add_argument_group("scheduling")
     g.add_argument("--max-running-requests", type=int, default=64,

@@ -434,6 +434,12 @@ class EngineCore:
             if req.top_logprobs_num:
                 state.output_top_logprobs.append([(lp, i, None) for lp, i in tops[0]])
         self._append_token(state, token)
+        if state.grammar is not None and self.config.grammar_jump_forward and \
+                not req.return_logprob:
+            for forced in state.grammar.jump_forward():
+                if state.finished:
+                    break
+                self._append_token(state, forced)
         return True
 
     def _append_token(self, state: RequestState, token: int) -> None:

@@ -13,6 +13,8 @@ has accepted a stop token (the grammar is complete) the request finishes with re
                     (`SchedReq.ready`); until then it waits, other requests keep decoding
     after model  -> mask_rows: bitmasks of the step's constrained rows, applied on the
                     logits' device, in one call per batch; sample; RequestGrammar.accept
+    jump-forward -> (--grammar-jump-forward) the tokens the grammar then forces are appended
+                    unsampled; the next step computes them as a chunk, then samples
 
 Grammars are compiled for each model's tokenizer with the model's logits width as the
 vocabulary size: ids past the tokenizer's own vocabulary (padding rows) are never allowed.
@@ -199,6 +201,11 @@ class RequestGrammar:
     def accept(self, token: int) -> bool:
         """Advances the matcher; False when the grammar does not allow `token`."""
         return bool(self.matcher.accept_token(token))
+
+    def jump_forward(self) -> list[int]:
+        """The tokens the grammar forces next (none at a choice, or once complete). The
+        caller appends and accepts each; their tokenization may differ from the tokenizer's."""
+        return list(self.matcher.find_jump_forward_tokens())
 
     @property
     def terminated(self) -> bool:

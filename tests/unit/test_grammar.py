@@ -342,6 +342,40 @@ def test_ids_past_the_tokenizers_vocabulary_are_never_chosen(tmp_path):
         assert (logits[:, tokenizer_vocab:] == 1e4).all()  # the step's logits are untouched
 
 
+def test_jump_forward_appends_forced_tokens_unsampled(path):
+    """With --grammar-jump-forward the tokens a grammar forces (JSON keys, punctuation, the rest
+    of an enum value) are appended without a step each: fewer steps, same guarantees."""
+    schema = SCHEMAS["nested"]
+    params = {"json_schema": json.dumps(schema), "max_new_tokens": 200}
+    with Engine(path, constrained_json_disable_any_whitespace=True,
+                grammar_jump_forward=True) as e:
+        steps = [0]
+        step = e.core.step
+
+        def counted():
+            steps[0] += 1
+            return step()
+
+        e.core.step = counted
+        outs = _samples(e, "Give JSON:", params, seeds=range(4))
+        tokens = max(o["meta_info"]["completion_tokens"] for o in outs)
+        assert steps[0] < tokens / 2  # most of the JSON was forced
+        for out in outs:
+            assert _finish(out) == "stop", out
+            jsonschema.validate(json.loads(out["text"]), schema)
+        out = e.generate(prompt="Digits:", sampling_params={"regex": r"ab[0-9]{2}cd", "seed": 0})
+        assert re.fullmatch(r"ab[0-9]{2}cd", out["text"])
+        # Requests that want logprobs sample every token (each has its logprob).
+        out = e.generate(prompt="Give JSON:", sampling_params={**params, "seed": 0},
+                         return_logprob=True)
+        lps = out["meta_info"]["output_token_logprobs"]
+        assert [t for _, t, _ in lps] == out["output_ids"]
+        jsonschema.validate(json.loads(out["text"]), schema)
+        short = e.generate(prompt="Give JSON:", sampling_params={**params, "max_new_tokens": 7})
+        assert short["meta_info"]["finish_reason"] == {"type": "length", "length": 7}
+        assert short["meta_info"]["completion_tokens"] == 7
+
+
 # -- the scheduler's `ready` flag (pure Python) --------------------------------------------------
 
 

@@ -128,6 +128,18 @@ def test_openai_bad_response_format_is_400(client, fmt, message):
     assert message in r.json()["error"]["message"]
 
 
+def test_grammar_flags_reach_the_engine_config(tiny_models):
+    path = tiny_models["qwen2_moe"]
+    config = ServerArgs.from_cli(["--model", f"m={path}"]).engine_config()
+    assert config.grammar_backend == "xgrammar"
+    assert not config.constrained_json_disable_any_whitespace and not config.grammar_jump_forward
+    config = ServerArgs.from_cli(["--model", f"m={path}", "--grammar-backend", "none",
+                                  "--constrained-json-disable-any-whitespace",
+                                  "--grammar-jump-forward"]).engine_config()
+    assert config.grammar_backend == "none"
+    assert config.constrained_json_disable_any_whitespace and config.grammar_jump_forward
+
+
 def test_grammar_backend_none(tiny_models):
     c, engine = _client(tiny_models["qwen2_moe"], "--grammar-backend", "none")
     with c:
