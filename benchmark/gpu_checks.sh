@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of one device session, run from the repository root on the GPU machine with the
-# wheels of ../shared/offline-wheels/fetch-wheels.sh --flashinfer carried in .whl/:
+# wheels of scripts/fetch_gpu_wheels.sh --flashinfer carried in .whl/:
 #
 #   OUT=/tmp/out STAGE=smoke|full bash benchmark/gpu_checks.sh
 #

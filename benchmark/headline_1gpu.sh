@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The headline experiment of issue 6 on ONE GPU (the 2-GPU run needs a machine not lent yet).
 # Run from the repository root on the GPU machine, with the wheels of
-# ../shared/offline-wheels/fetch-wheels.sh in .whl/ and the traces in .carry/headline/ (made
+# scripts/fetch_gpu_wheels.sh in .whl/ and the traces in .carry/headline/ (made
 # on the CPU machine, which has the Azure CSVs, by the commands in benchmark/README.md):
 #
 #   OUT=/tmp/out VARIANT=bursty bash benchmark/headline_1gpu.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The p2p crossing's GPU runs (issue 10), from the repository root on a 2-GPU machine with the
-# wheels of ../shared/offline-wheels/fetch-wheels.sh carried in .whl/:
+# wheels of scripts/fetch_gpu_wheels.sh carried in .whl/:
 #
 #   OUT=/tmp/out STAGE=first|decode SHAPES="..." bash benchmark/p2p_gpu_run.sh
 #
