@@ -38,6 +38,7 @@ class P2PFFNExecutor(FFNExecutor):
         self.broken: str | None = None
         self.plan: tuple = ()
         self._order: deque = deque()
+        self._in_step = False  # between begin_step and end_step
         self.steps = 0
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._watchdog, name="p2p-watchdog", daemon=True)
@@ -48,6 +49,13 @@ class P2PFFNExecutor(FFNExecutor):
     def begin_step(self, plan, graph: bool = False) -> None:
         if self.broken:
             raise FFNServerError(self.broken)
+        if self._in_step:
+            # NOTE: a step that stopped midway (an exception between begin and end) left the
+            # servers waiting for crossings that never came; the next step's data would be
+            # taken for them. Only a fresh link is safe.
+            self._break(f"a step over the crossing stopped midway ({self.plan}); the FFN "
+                        f"servers are out of step with this worker")
+        self._in_step = True
         self.plan = tuple((model, int(tokens)) for model, tokens in plan)
         # A replay makes its crossings on the device: the host checks the eager ones only.
         self._order = deque() if graph else deque(
@@ -82,6 +90,7 @@ class P2PFFNExecutor(FFNExecutor):
         """Once per step, after its outputs were used: fails the step if any side failed."""
         left = len(self._order)
         self._order.clear()
+        self._in_step = False
         self.steps += 1
         code = self.end.error()  # the step's one extra host read
         reports = [(i, msg) for i, link in enumerate(self.links) for msg in link.failures()]

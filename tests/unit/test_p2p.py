@@ -12,6 +12,7 @@ from sglang_crosspool import Engine
 from sglang_crosspool.engine.request import EngineRequest
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.ffn.p2p_executor import P2PFFNExecutor, P2PProtocolError
+from sglang_crosspool.transport.errors import FFNServerError
 from sglang_crosspool.models.common import Routing
 from sglang_crosspool.testing.faults import failed_cleanly, kill_ffn_server_mid_run
 from sglang_crosspool.testing.multimodel import GREEDY, PROMPTS, run_all
@@ -78,7 +79,7 @@ def test_one_message_per_server_per_step_whatever_the_layer_count(tiny_models, m
         engine.shutdown()
 
 
-def test_crossings_off_the_plan_are_caught(tiny_models):
+def test_crossings_off_the_plan_are_caught_and_break_the_link(tiny_models):
     import torch
 
     engine = Engine(tiny_models["olmoe"], pool_mode="crosspool", ffn_transport="p2p")
@@ -92,9 +93,12 @@ def test_crossings_off_the_plan_are_caught(tiny_models):
         ex.begin_step([("olmoe", 2)])
         with pytest.raises(P2PProtocolError, match="plan's next is olmoe:0"):
             ex.submit("olmoe", 1, h, routing)
-        ex.begin_step([("olmoe", 2)])
-        with pytest.raises(P2PProtocolError, match="of 3 tokens"):
-            ex.submit("olmoe", 0, torch.zeros(3, spec.hidden_size), routing)
+        # That step stopped midway: the servers are out of step, so the link is given up.
+        with pytest.raises(FFNServerError, match="stopped midway"):
+            ex.begin_step([("olmoe", 2)])
+        with pytest.raises(FFNServerError, match="stopped midway"):
+            ex.begin_step([("olmoe", 2)])
+        assert ex.failure()
     finally:
         engine.shutdown()
 
