@@ -27,6 +27,7 @@ from sglang_crosspool.testing.checkpoints import (
     make_model,
 )
 from sglang_crosspool.testing.multimodel import run_all
+from sglang_crosspool.testing.parity import parity_problems
 
 ARCH = "deepseek_v2"
 LITE = Path(__file__).resolve().parents[1] / "data" / "model-configs" / "DeepSeek-V2-Lite"
@@ -62,32 +63,15 @@ def ds_models(tmp_path_factory) -> dict[str, str]:
             for name, fields in VARIANTS.items()}
 
 
-def hf_greedy(hf, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), [x[0] for x in out.logits]
-
-
 # -- parity with transformers ------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_tokens_and_logits_match_hf(ds_models, variant):
     # Chunks of 16 split the longer prompts, so prefills continue over cached latents.
     engine = Engine(ds_models[variant], dtype="float32", chunked_prefill_size=16)
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.core.logits_observer = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
-    rids = [f"r{i}" for i in range(len(PROMPTS))]
-    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, rid=rids)
     hf = hf_reference(ds_models[variant])
     assert hf.config.rope_parameters["rope_type"] == "yarn"
-    for prompt, out, rid in zip(PROMPTS, outs, rids):
-        ref_ids, ref_logits = hf_greedy(hf, prompt)
-        assert out["output_ids"] == ref_ids
-        assert len(seen[rid]) == NEW_TOKENS
-        for step, (ours, ref) in enumerate(zip(seen[rid], ref_logits)):
-            rel = (ours - ref).abs().max() / ref.abs().max()
-            assert rel < 1e-4, f"{variant} prompt {len(prompt)} step {step}: rel err {rel:.2e}"
+    assert parity_problems(engine, hf, PROMPTS, NEW_TOKENS, variant) == []
     assert engine.stats()["kv"]["used_pages"] == 0
 
 

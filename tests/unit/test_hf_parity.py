@@ -7,6 +7,7 @@ import torch
 
 from sglang_crosspool import Engine
 from sglang_crosspool.testing.checkpoints import ARCHS
+from sglang_crosspool.testing.parity import parity_problems
 
 PROMPTS = [
     [5, 6, 7, 8, 9, 10, 11],
@@ -19,29 +20,11 @@ NEW_TOKENS = 32
 GREEDY = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
 
 
-def hf_greedy(hf, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    out = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), [x[0] for x in out.logits]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_and_logits_match_hf(arch, tiny_models, hf_models):
     # A small prefill chunk makes the batch mix chunked prefills with decodes.
     engine = Engine(tiny_models[arch], dtype="float32", chunked_prefill_size=16)
-    seen: dict[str, list[torch.Tensor]] = {}
-    engine.core.logits_observer = lambda rid, row: seen.setdefault(rid, []).append(row.clone())
-    rids = [f"r{i}" for i in range(len(PROMPTS))]
-    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, rid=rids)
-    hf = hf_models(arch)
-    for prompt, out, rid in zip(PROMPTS, outs, rids):
-        ref_ids, ref_logits = hf_greedy(hf, prompt)
-        assert out["output_ids"] == ref_ids
-        assert len(seen[rid]) == NEW_TOKENS
-        for step, (ours, ref) in enumerate(zip(seen[rid], ref_logits)):
-            rel = (ours - ref).abs().max() / ref.abs().max()
-            assert rel < 1e-4, f"{arch} prompt {len(prompt)} step {step}: rel err {rel:.2e}"
+    assert parity_problems(engine, hf_models(arch), PROMPTS, NEW_TOKENS, arch) == []
     assert engine.stats()["kv"]["used_pages"] == 0
 
 
