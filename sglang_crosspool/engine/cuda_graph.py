@@ -99,7 +99,6 @@ class _Captured:
     bs: int
     fbs: list[ForwardBatch]  # one per micro-batch, over consecutive rows
     plan: tuple  # per micro-batch (model, rows): what the FFN servers are told
-    starts: list[int]  # first row of each micro-batch
     graph: object | None  # torch.cuda.CUDAGraph, None when not capturing
     logits: torch.Tensor | None  # the graph's output [bs, vocab] float32
 
@@ -150,10 +149,12 @@ class DecodeGraphs:
         return logits[rows]
 
     def _prepare(self, cap: _Captured, ctx: list[int], num_real: int) -> None:
-        for fb, start in zip(cap.fbs, cap.starts):
+        start = 0
+        for fb in cap.fbs:  # consecutive rows of the bucket
             fb.ctx_lens = ctx[start : start + fb.num_tokens]
             fb.num_real = max(0, min(num_real - start, fb.num_tokens))
             self.runner.backend.prepare_graph(fb)
+            start += fb.num_tokens
 
     def _body(self, cap: _Captured) -> torch.Tensor:
         """The step a graph holds: every layer of the micro-batches, then the logits."""
@@ -180,7 +181,7 @@ class DecodeGraphs:
                                           self.block_tokens, start=lo)
                for lo, hi in zip(edges, edges[1:])]
         cap = _Captured(bs, fbs, tuple((self.runner.name, fb.num_tokens) for fb in fbs),
-                        edges[:-1], None, None)
+                        None, None)
         for fb in fbs:
             self.runner.backend.prepare_graph(fb)
         if not self.capture:

@@ -59,7 +59,7 @@ class P2PFFNExecutor(FFNExecutor):
         self.plan = tuple((model, int(tokens)) for model, tokens in plan)
         # A replay makes its crossings on the device: the host checks the eager ones only.
         self._order = deque() if graph else deque(
-            crossing_order([self.layers[model] for model, _ in self.plan]))
+            crossing_order(tuple(self.layers[model] for model, _ in self.plan)))
         try:
             for link in self.links:
                 link.step(m.Step(self.plan, graph))
@@ -106,7 +106,7 @@ class P2PFFNExecutor(FFNExecutor):
         for link in self.links:
             link.step(m.Capture(plan))
         self.plan = plan
-        self._order = deque(crossing_order([self.layers[model] for model, _ in plan]))
+        self._order = deque(crossing_order(tuple(self.layers[model] for model, _ in plan)))
         try:
             yield
         finally:  # every server answers once, also when this side's capture failed

@@ -43,7 +43,7 @@ class StepRunner:
 
     def run(self, plan: tuple) -> None:
         """Every crossing of the plan, eagerly (prefill, uncaptured sizes, warm-up, CPU)."""
-        layers = [self.shapes[model][1] for model, _ in plan]
+        layers = tuple(self.shapes[model][1] for model, _ in plan)
         for mb, layer in crossing_order(layers):
             model, tokens = plan[mb]
             hidden, _, top_k, moe = self.shapes[model]
@@ -69,6 +69,17 @@ class StepRunner:
         return torch.cuda.memory_reserved(self.end.device) - before
 
 
+def next_message(sock, parent: int):
+    """The next control message; None on Shutdown or once the parent process (the attention
+    worker) is gone, when there is nothing left to serve."""
+    while not sock.poll(1000):
+        if os.getppid() != parent:
+            log.error("parent process %d is gone; exiting", parent)
+            return None
+    msg = m.decode(sock.recv())
+    return None if isinstance(msg, m.Shutdown) else msg
+
+
 def serve_steps(sock, end: FFNEnd, halves: dict, server_id: int) -> None:
     """The loop: until Shutdown, or until the attention worker (the parent) is gone."""
     from crosspool_kernels.crossing import ERR_FAILED
@@ -77,15 +88,7 @@ def serve_steps(sock, end: FFNEnd, halves: dict, server_id: int) -> None:
     parent = os.getppid()
     broken = False
     with torch.inference_mode():
-        while True:
-            if not sock.poll(1000):
-                if os.getppid() != parent:
-                    log.error("parent process %d is gone; exiting", parent)
-                    return
-                continue
-            msg = m.decode(sock.recv())
-            if isinstance(msg, m.Shutdown):
-                return
+        while (msg := next_message(sock, parent)) is not None:
             if broken:  # the link's counters are out of step: refuse, do not touch buffers
                 sock.send(m.encode(m.Failed(-1, "this FFN server failed earlier")))
                 continue

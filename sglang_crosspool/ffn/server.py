@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from sglang_crosspool.config import DTYPES
-from sglang_crosspool.ffn.p2p_server import serve_steps
+from sglang_crosspool.ffn.p2p_server import next_message, serve_steps
 from sglang_crosspool.models.checkpoint import open_checkpoint
 from sglang_crosspool.models.registry import resolve
 from sglang_crosspool.transport import messages as m
@@ -171,15 +171,7 @@ def _swap_handles(sock, endpoint: CudaIpcEndpoint) -> bool:
 def _loop(sock, endpoint, halves) -> None:
     parent = os.getppid()
     with torch.inference_mode():
-        while True:
-            if not sock.poll(1000):
-                if os.getppid() != parent:  # the attention worker died: nothing to serve
-                    log.error("parent process %d is gone; exiting", parent)
-                    return
-                continue
-            msg = m.decode(sock.recv())
-            if isinstance(msg, m.Shutdown):
-                return
+        while (msg := next_message(sock, parent)) is not None:
             hidden, routing = endpoint.read(msg)
             try:
                 out = halves[msg.model].forward(msg.layer, hidden, routing)

@@ -265,7 +265,7 @@ class WorkerRouterClient(EngineClient):
         if errors:
             return {"error": "; ".join(errors)}
         if kind == "stats":
-            merged = self.merged_stats([r for r in results])
+            merged = self.merged_stats(results)
             merged["in_flight"] = sum(r.get("in_flight", 0) for r in results)
             merged["pid"] = results[0].get("pid")
             return merged

@@ -44,6 +44,8 @@ the word once per step and fails the step, naming the server; the link is broken
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +65,8 @@ class P2PLayout:
     dtype: str  # torch dtype name of hidden states
     timeout_s: float = 20.0  # bound of every wait (a dead peer is caught by a watchdog first)
 
-    def sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
-        """name -> (byte offset, shape, dtype) inside one rank's arena."""
+    def sections(self) -> dict[str, tuple[int, int, tuple[int, ...], torch.dtype]]:
+        """name -> (byte offset, bytes, shape, dtype) inside one rank's arena."""
         s, t, h, k = self.slots, self.max_tokens, self.hidden, max(self.max_top_k, 1)
         dt = DTYPES[self.dtype]
         shapes = {
@@ -78,19 +80,14 @@ class P2PLayout:
         }
         out, offset = {}, 0
         for name, (shape, dtype) in shapes.items():
-            out[name] = (offset, shape, dtype)
-            size = dtype.itemsize
-            for n in shape:
-                size *= n
+            size = dtype.itemsize * math.prod(shape)
+            out[name] = (offset, size, shape, dtype)
             offset += -(-size // _ALIGN) * _ALIGN
         return out
 
     @property
     def nbytes(self) -> int:
-        offset, shape, dtype = list(self.sections().values())[-1]
-        size = dtype.itemsize
-        for n in shape:
-            size *= n
+        offset, size, _, _ = list(self.sections().values())[-1]
         return offset + size
 
     @property
@@ -100,13 +97,8 @@ class P2PLayout:
 
 def views(layout: P2PLayout, arena: torch.Tensor) -> dict[str, torch.Tensor]:
     """Typed views of one rank's arena (a flat uint8 tensor)."""
-    out = {}
-    for name, (offset, shape, dtype) in layout.sections().items():
-        size = dtype.itemsize
-        for n in shape:
-            size *= n
-        out[name] = arena[offset : offset + size].view(dtype).view(shape)
-    return out
+    return {name: arena[offset : offset + size].view(dtype).view(shape)
+            for name, (offset, size, shape, dtype) in layout.sections().items()}
 
 
 # -- arenas: one rank's own bytes and its peers' ---------------------------------------------
@@ -255,24 +247,30 @@ class AttentionEnd(_End):
 
     def __init__(self, layout: P2PLayout, arena, device):
         super().__init__(layout, arena, 0, device)
+        mine = self.mine
+        # Per slot, made once: what a send writes on each server, and what wait_sum reads.
+        self._targets = [[(p["in_h"][slot], p["in_ids"][slot], p["in_w"][slot],
+                           p["in_flags"][slot], self.sent[j, slot])
+                          for j, p in ((j, self.peers[j + 1]) for j in range(layout.servers))]
+                         for slot in range(layout.slots)]
+        self._sources = [(mine["out"][:, slot], mine["out_flags"][:, slot],
+                          self.received[:, slot]) for slot in range(layout.slots)]
 
     def send(self, slot: int, hidden: torch.Tensor, topk_ids, topk_weights) -> None:
         if hidden.shape[0] > self.layout.max_tokens:
             raise ValueError(f"{hidden.shape[0]} tokens exceed the crossing's "
                              f"{self.layout.max_tokens}")
         w = None if topk_weights is None else topk_weights.to(hidden.dtype)
-        for j in range(self.layout.servers):
-            peer = self.peers[j + 1]
-            self._send(hidden, topk_ids, w, peer["in_h"][slot], peer["in_ids"][slot],
-                       peer["in_w"][slot], peer["in_flags"][slot], self.sent[j, slot])
+        for target in self._targets[slot]:
+            self._send(hidden, topk_ids, w, *target)
 
     def wait_sum(self, slot: int, x: torch.Tensor | None, num_rows: int,
                  hidden: int) -> torch.Tensor:
         """x + the sum of every server's output rows of `slot` (x None: the sum alone)."""
-        dtype = x.dtype if x is not None else self.mine["out"].dtype
-        out = torch.empty(num_rows, hidden, dtype=dtype, device=self.device)
-        return self._wait_sum(x, self.mine["out"][:, slot], out, self.mine["out_flags"][:, slot],
-                              self.received[:, slot], self.mine["err"], num_rows, hidden,
+        parts, flags, counts = self._sources[slot]
+        out = torch.empty(num_rows, hidden, dtype=parts.dtype if x is None else x.dtype,
+                          device=self.device)
+        return self._wait_sum(x, parts, out, flags, counts, self.mine["err"], num_rows, hidden,
                               self.layout.timeout_ns)
 
 
@@ -312,9 +310,12 @@ class FFNEnd(_End):
         self.set_error(code)
 
 
-def crossing_order(num_layers: list[int]) -> list[tuple[int, int]]:
+@functools.cache
+def crossing_order(num_layers: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """(micro-batch, layer) of every crossing of a step, in the order both sides run them:
-    the SUBMIT ops of the layer-wise pipeline over micro-batches with these layer counts."""
+    the SUBMIT ops of the layer-wise pipeline over micro-batches with these layer counts.
+    Cached: a server sees the same few plans step after step."""
     from crosspool_scheduler.pipeline import SUBMIT, layer_pipeline
 
-    return [(op.mb, op.layer) for op in layer_pipeline(num_layers) if op.kind == SUBMIT]
+    return tuple((op.mb, op.layer) for op in layer_pipeline(list(num_layers))
+                 if op.kind == SUBMIT)

@@ -3,6 +3,7 @@ buffers, flags, counters, step plans and server loop (transport/p2p.py, ffn/p2p_
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -24,10 +25,8 @@ def test_layout_sections_are_aligned_and_disjoint():
     layout = P2PLayout(servers=3, slots=2, max_tokens=17, hidden=40, max_top_k=4,
                        dtype="bfloat16")
     spans = []
-    for name, (offset, shape, dtype) in layout.sections().items():
-        size = dtype.itemsize
-        for n in shape:
-            size *= n
+    for name, (offset, size, shape, dtype) in layout.sections().items():
+        assert size == dtype.itemsize * math.prod(shape), name
         assert offset % 256 == 0, name
         spans.append((offset, offset + size))
     spans.sort()
@@ -36,7 +35,7 @@ def test_layout_sections_are_aligned_and_disjoint():
 
 
 def test_both_sides_cross_in_the_pipeline_order():
-    order = crossing_order([3, 1, 2])
+    order = list(crossing_order((3, 1, 2)))
     assert order == [(op.mb, op.layer) for op in layer_pipeline([3, 1, 2]) if op.kind == SUBMIT]
     assert sorted(order) == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1)]
 
