@@ -43,6 +43,14 @@ class RunningServer:
     def post(self, path: str, **kw) -> httpx.Response:
         return httpx.post(self.url + path, headers=self.headers(), timeout=60, **kw)
 
+    def send(self, path: str, body) -> httpx.Response:
+        """POSTs `body`: JSON from an object, or raw bytes sent as they are (malformed
+        bodies)."""
+        if isinstance(body, bytes):
+            return httpx.post(self.url + path, content=body, timeout=30,
+                              headers={"content-type": "application/json", **self.headers()})
+        return self.post(path, json=body)
+
     def internal_state(self) -> dict:
         r = self.get("/server_info")
         r.raise_for_status()
