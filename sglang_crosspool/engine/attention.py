@@ -55,6 +55,14 @@ class AttentionBackend(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
 
+def causal_masked(scores: torch.Tensor, ctx: int, n: int) -> torch.Tensor:
+    """scores [..., n, ctx] of a sequence's last n queries over its ctx keys, with -inf where
+    a key lies after its query: query i sits at position ctx - n + i."""
+    q_pos = torch.arange(ctx - n, ctx, device=scores.device)[:, None]
+    k_pos = torch.arange(ctx, device=scores.device)[None, :]
+    return scores.masked_fill(k_pos > q_pos, float("-inf"))
+
+
 class TorchAttention(AttentionBackend):
     """Gathers each sequence's K/V by slot and runs eager softmax attention in float32."""
 
@@ -75,10 +83,7 @@ class TorchAttention(AttentionBackend):
             vals = v_cache[slots].repeat_interleave(groups, dim=1)
             qs = q[start : start + n]
             scores = torch.einsum("qhd,khd->hqk", qs, keys) * self.scale
-            # Query i sits at position ctx - n + i and sees keys at positions <= its own.
-            q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-            k_pos = torch.arange(ctx, device=q.device)[None, :]
-            scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+            scores = causal_masked(scores, ctx, n)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out[start : start + n] = torch.einsum("hqk,khd->qhd", probs, vals)
         return out.reshape(q.shape[0], -1)

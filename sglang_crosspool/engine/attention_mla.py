@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_crosspool.engine.attention import TorchAttention
+from sglang_crosspool.engine.attention import TorchAttention, causal_masked
 from sglang_crosspool.engine.forward_batch import ForwardBatch
 
 
@@ -37,9 +37,7 @@ class LatentAttention(TorchAttention):
             latents = k_cache[fb.attn_meta[i], 0]  # [ctx, r + p]
             qs = q[start : start + n]
             scores = torch.einsum("qhd,kd->hqk", qs, latents) * self.scale
-            q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-            k_pos = torch.arange(ctx, device=q.device)[None, :]
-            scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+            scores = causal_masked(scores, ctx, n)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out[start : start + n] = torch.einsum("hqk,kr->qhr", probs,
                                                   latents[:, : self.value_dim])
