@@ -9,7 +9,8 @@ query and its value rows into the output, so attention runs on the cached latent
     c_kv -> kv_a_layernorm;  q_pe, k_pe -> RoPE on adjacent pairs (YaRN tables)
     KV pool <- [c_kv | k_pe]                             r + p values per token and layer
     q_lat = q_nope @ W_uk (per head, r wide)
-    o_lat = softmax([q_lat | q_pe] . [c_kv | k_pe] * scale) @ c_kv    (engine/attention_mla.py)
+    o_lat = softmax([q_lat | q_pe] . [c_kv | k_pe] * scale) @ c_kv    (engine/attention_mla.py:
+                                         torch, or on CUDA the Triton kernel mla_decode)
     o = o_proj(o_lat @ W_uv^T)
 
 which equals transformers' form (keys and values decompressed through kv_b_proj) up to float
@@ -119,24 +120,17 @@ class MLALayer:
 
 
 class DeepseekV2Attention(AttentionHalf):
-    def __init__(self, spec: ModelSpec, files, device, dtype: torch.dtype):
-        if torch.device(device).type == "cuda":
-            raise NotImplementedError(
-                "DeepSeek-V2 (MLA) runs on CPU only for now: its GPU path (absorbed-weight MLA "
-                "decode with a Triton or FlashInfer kernel) is the GPU part of issue 16")
-        super().__init__(spec, files, device, dtype)
-
     def _rotary(self):
         s = self.spec
         return PairRotary(s.mla.qk_rope_head_dim, s.rope_theta, s.yarn,
                           s.max_position_embeddings, self.device)
 
     def attention_backend(self, backend):
-        from sglang_crosspool.engine.attention_mla import LatentAttention
+        from sglang_crosspool.engine.attention_mla import make_latent_attention
 
         s = self.spec
-        return LatentAttention(s.num_heads, s.mla.latent_dim, s.mla.kv_lora_rank,
-                               softmax_scale(s), self.dtype)
+        return make_latent_attention(backend, self.device, s.num_heads, s.mla.latent_dim,
+                                     s.mla.kv_lora_rank, softmax_scale(s), self.dtype)
 
     def _load_layer(self, i: int, load) -> MLALayer:
         s, m, p = self.spec, self.spec.mla, f"model.layers.{i}.self_attn."

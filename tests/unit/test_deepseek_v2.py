@@ -15,7 +15,6 @@ from sglang_crosspool.memory.kv_pool import KVPool, KVPoolError
 from sglang_crosspool.memory.page_backend import SimulatedPageBackend
 from sglang_crosspool.models.config import CheckpointError, load_spec
 from sglang_crosspool.models.deepseek_v2 import (
-    DeepseekV2Attention,
     rope_frequencies,
     route_topk,
     softmax_scale,
@@ -185,9 +184,26 @@ def test_group_limited_routing_stays_in_the_best_groups(ds_models):
     assert torch.allclose(weights.sum(-1), torch.ones(256))
 
 
-def test_gpu_attention_is_refused_with_the_issue():
-    with pytest.raises(NotImplementedError, match="issue 16"):
-        DeepseekV2Attention(load_spec(LITE), None, "cuda", torch.bfloat16)
+def test_cuda_takes_the_triton_mla_path():
+    pytest.importorskip("triton")
+    from sglang_crosspool.engine.attention_mla import TritonLatentAttention, make_latent_attention
+
+    spec = load_spec(LITE)
+    # Whatever backend the engine names (FlashInfer's MLA kernels are not wired).
+    backend = make_latent_attention(None, "cuda", spec.num_heads, spec.mla.latent_dim,
+                                     spec.mla.kv_lora_rank, softmax_scale(spec), torch.bfloat16)
+    assert isinstance(backend, TritonLatentAttention) and backend.supports_graphs
+    assert (backend.head_dim, backend.value_dim) == (576, 512)
+
+
+def test_prefill_in_query_chunks_gives_the_same_tokens(ds_models, monkeypatch):
+    # The torch path bounds its scores by chunking queries (long prefills on GPU).
+    from sglang_crosspool.engine import attention_mla
+
+    engine = Engine(ds_models["greedy"], dtype="float32", chunked_prefill_size=64)
+    whole = engine.generate(input_ids=PROMPTS[3], sampling_params=GREEDY)["output_ids"]
+    monkeypatch.setattr(attention_mla, "_SCORE_ELEMENTS", 4 * 40 * 3)  # 3 queries a chunk
+    assert engine.generate(input_ids=PROMPTS[3], sampling_params=GREEDY)["output_ids"] == whole
 
 
 # -- the latent KV cache -----------------------------------------------------------------------
