@@ -69,6 +69,10 @@ class EngineConfig:
     constrained_json_disable_any_whitespace: bool = False
     # Append the tokens a grammar forces (xgrammar's jump-forward) without sampling them.
     grammar_jump_forward: bool = False
+    # Prefix cache (RadixAttention, per model, whole KV blocks); off: --disable-radix-cache.
+    radix_cache: bool = True
+    # ((model, pages), ...): a model's cached pages that other models' requests cannot evict.
+    radix_cache_floor_pages: tuple[tuple[str, int], ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -116,6 +120,8 @@ class EngineConfig:
         grammar_backend: str = "xgrammar",
         constrained_json_disable_any_whitespace: bool = False,
         grammar_jump_forward: bool = False,
+        disable_radix_cache: bool = False,
+        radix_cache_floor_pages: dict[str, int] | None = None,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -166,7 +172,9 @@ class EngineConfig:
                    kv_reserve_pages=_reserve_pages(kv_reserve_pages, device, entries),
                    load_format=load_format, grammar_backend=grammar_backend,
                    constrained_json_disable_any_whitespace=constrained_json_disable_any_whitespace,
-                   grammar_jump_forward=grammar_jump_forward)
+                   grammar_jump_forward=grammar_jump_forward,
+                   radix_cache=not disable_radix_cache,
+                   radix_cache_floor_pages=_floors(radix_cache_floor_pages, names))
 
 
 def _auto_transport(transport: str, pool_mode: str, device: str, ffn_device: str) -> str:
@@ -267,6 +275,16 @@ def _served_names(paths: list, names) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"served_model_name: names must be unique, got {names}")
     return names
+
+
+def _floors(floors: dict[str, int] | None, names: list[str]) -> tuple:
+    """Checks the prefix cache's per-model floors (pages) against the served models."""
+    for name, pages in (floors or {}).items():
+        if name not in names:
+            raise ValueError(f"radix_cache_floor_pages: {name!r} is not a served model")
+        if not isinstance(pages, int) or pages < 0:
+            raise ValueError(f"radix_cache_floor_pages: {name!r} needs pages >= 0, got {pages}")
+    return tuple(sorted((floors or {}).items()))
 
 
 def _placement(placement, names: list[str], servers: int) -> tuple | None:

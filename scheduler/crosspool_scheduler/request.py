@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class ReqStatus(Enum):
@@ -27,6 +28,12 @@ class SchedReq:
     # False while the engine prepares something the request needs first (its compiled
     # grammar): the scheduler then admits newer requests before it, and it keeps its place.
     ready: bool = True
+    # Prefix cache: at most this many leading tokens may come from the cache (None: all but
+    # the last; the engine lowers it where it needs rows for those positions, as logprobs do).
+    max_cached: int | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the cache (at the first admission)
+    cache_node: Any = None  # the tree node whose path the request locks
+    cache_len: int = 0  # tokens of that path
 
     @property
     def total_len(self) -> int:

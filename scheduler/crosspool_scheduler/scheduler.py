@@ -9,6 +9,11 @@ Each `schedule()` call picks one model (policy order) and builds its batch:
    still compiling) is passed over until it is.
 A retracted request keeps its output tokens and later recomputes prompt + output in one
 prefill, so nothing is lost; requests that could never fit the pool are refused at `add`.
+
+With a `PrefixCache`, an admitted request starts from the longest cached prefix of its tokens
+(whole blocks) and computes only the rest; its full blocks join the cache as they are
+computed. Where blocks are short, unused cached blocks are evicted first (any model's, least
+recently used), and a running request is retracted only when eviction cannot make room.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 
 from crosspool_scheduler.kv import KVAllocator
 from crosspool_scheduler.policy import RoundRobinPolicy
+from crosspool_scheduler.prefix_cache import PrefixCache
 from crosspool_scheduler.request import ReqStatus, SchedReq
 
 
@@ -61,8 +67,9 @@ class _ModelQueue:
 
 class GlobalScheduler:
     def __init__(self, kv: KVAllocator, models: list[str], limits: SchedulerLimits,
-                 policy: RoundRobinPolicy | None = None):
+                 policy: RoundRobinPolicy | None = None, cache: PrefixCache | None = None):
         self.kv = kv
+        self.cache = cache
         self.models = list(models)
         self.limits = limits
         self.policy = policy or RoundRobinPolicy()
@@ -98,7 +105,7 @@ class GlobalScheduler:
             queue.running.remove(req)
         elif req.status is ReqStatus.WAITING:
             queue.waiting.remove(req)
-        self._free(req)
+        self._release(req)
         req.status = ReqStatus.FINISHED
 
     def abort(self, rid: str) -> SchedReq | None:
@@ -144,17 +151,44 @@ class GlobalScheduler:
                 budget -= n
         while budget > 0 and self._num_running() < self.limits.max_running_requests:
             req = next((r for r in queue.waiting if r.ready), None)
-            if req is None or not self.kv.can_alloc(model, self._blocks_for(model, req.total_len)):
+            if req is None or not self._admit(req):
                 break
-            n = min(req.total_len, budget)
-            req.blocks = self.kv.alloc_blocks(model, self._blocks_for(model, n)) or []
+            n = min(req.remaining, budget)
+            req.blocks += self.kv.alloc_blocks(
+                model, self._blocks_for(model, req.num_computed + n) - len(req.blocks)) or []
             queue.waiting.remove(req)
             req.status = ReqStatus.RUNNING
-            req.num_computed = 0
             queue.running.append(req)
-            seqs.append(ScheduledSeq(req, 0, n))
+            seqs.append(ScheduledSeq(req, req.num_computed, n))
             budget -= n
         return Batch(model, seqs) if seqs else None
+
+    def _admit(self, req: SchedReq) -> bool:
+        """Takes the request's cached prefix if the blocks for the rest of its tokens can be
+        had (evicting unused cached blocks if needed); False, with nothing taken, if not."""
+        model = req.model
+        whole = self._blocks_for(model, req.total_len)
+        if self.cache is None:
+            req.num_computed = 0
+            return self.kv.can_alloc(model, whole)
+        limit = req.total_len - 1 if req.max_cached is None else \
+            min(req.total_len - 1, req.max_cached)
+        node, blocks = self.cache.match(req, limit)
+        self.cache.take(req, node, blocks)  # locked first: eviction must not take them
+        if not self._room(model, whole - len(blocks)):
+            self.cache.release(req)
+            self._free(req)
+            req.num_computed = 0
+            return False
+        if req.retractions == 0:
+            req.cached_tokens = req.num_computed
+        return True
+
+    def _room(self, model: str, n: int) -> bool:
+        """Whether n blocks of `model` can be allocated, after evicting cached blocks."""
+        if n <= 0 or self.kv.can_alloc(model, n):
+            return True
+        return self.cache is not None and self.cache.evict(model, n)
 
     def _grow(self, req: SchedReq, tokens: int, scheduled: list[ScheduledSeq]) -> bool:
         """Gives `req` blocks for `tokens`, retracting newer requests if needed.
@@ -162,7 +196,7 @@ class GlobalScheduler:
         Returns False when `req` itself was retracted or must wait for this step.
         """
         need = self._blocks_for(req.model, tokens) - len(req.blocks)
-        while need > 0 and not self.kv.can_alloc(req.model, need):
+        while need > 0 and not self._room(req.model, need):
             in_batch = {id(s.req) for s in scheduled}
             victim = self._newest_running(exclude=in_batch)
             if victim is None:
@@ -181,7 +215,7 @@ class GlobalScheduler:
     def _retract(self, req: SchedReq) -> None:
         queue = self.queues[req.model]
         queue.running.remove(req)
-        self._free(req)
+        self._release(req)
         req.num_computed = 0
         req.status = ReqStatus.WAITING
         req.retractions += 1
@@ -194,8 +228,23 @@ class GlobalScheduler:
         """Marks the batch's tokens as computed (their K/V are now in the pool)."""
         for seq in batch.seqs:
             seq.req.num_computed = seq.start + seq.length
+            if self.cache is not None and seq.req.status is ReqStatus.RUNNING:
+                self.cache.update(seq.req)
+
+    def flush_cache(self) -> bool:
+        """Empties the prefix cache; refused (False) while any request is queued or runs."""
+        if self.requests:
+            return False
+        if self.cache is not None:
+            self.cache.flush()
+        return True
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _release(self, req: SchedReq) -> None:
+        if self.cache is not None:
+            self.cache.release(req)
+        self._free(req)
 
     def _free(self, req: SchedReq) -> None:
         if req.blocks:
@@ -212,6 +261,7 @@ class GlobalScheduler:
     def stats(self) -> dict:
         return {
             "retractions": self.num_retractions,
+            "prefix_cache": None if self.cache is None else self.cache.stats(),
             "models": {
                 m: {"waiting": len(q.waiting), "running": len(q.running)}
                 for m, q in self.queues.items()

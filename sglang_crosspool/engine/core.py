@@ -17,6 +17,7 @@ import torch
 from crosspool_scheduler import (
     Batch,
     GlobalScheduler,
+    PrefixCache,
     RequestTooLarge,
     SchedReq,
     SchedulerLimits,
@@ -41,6 +42,7 @@ from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprob
 from sglang_crosspool.engine.sampling_params import InvalidRequest
 from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
 from sglang_crosspool.ffn.factory import make_ffn_executor
+from sglang_crosspool.memory.device_memory import DeviceMemory
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import make_backend
 from sglang_crosspool.models.checkpoint import open_checkpoint
@@ -102,6 +104,7 @@ class EngineCore:
         backend = make_backend(self.device, cfg.kv_page_bytes, cfg.kv_page_backend)
         pages = cfg.kv_pages or max(1, cfg.kv_budget_bytes // backend.page_bytes)
         self.kv_pool = KVPool(backend, pages, reserve_pages=cfg.kv_reserve_pages)
+        self.device_memory = DeviceMemory(cfg.device, self.kv_pool)
         for entry in cfg.models:
             s = entry.spec
             self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
@@ -156,9 +159,11 @@ class EngineCore:
                      self.graphs[entry.name].stats()["buckets"])
 
     def _init_scheduler(self) -> None:
-        limits = SchedulerLimits(self.config.max_running_requests,
-                                 self.config.chunked_prefill_size)
-        self.scheduler = GlobalScheduler(self.kv_pool, self.config.model_names, limits)
+        cfg = self.config
+        limits = SchedulerLimits(cfg.max_running_requests, cfg.chunked_prefill_size)
+        cache = PrefixCache(self.kv_pool, cfg.model_names, dict(cfg.radix_cache_floor_pages)) \
+            if cfg.radix_cache else None
+        self.scheduler = GlobalScheduler(self.kv_pool, cfg.model_names, limits, cache=cache)
         self.states: dict[str, RequestState] = {}
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.config.random_seed)
@@ -227,6 +232,8 @@ class EngineCore:
             if start == 0:
                 state.input_token_logprobs.append((None, req.input_ids[0], None))
                 state.input_top_logprobs.append(None)
+            # Positions from here on need their logits rows: they cannot come from the cache.
+            sched.max_cached = state.input_lp_next
         key = constraint_of(req.params)
         if key is not None:  # compiled off the step; the scheduler holds it until then
             state.grammar = RequestGrammar(self.grammars.compile(req.model, key))
@@ -256,6 +263,11 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def flush_cache(self) -> bool:
+        """Empties every model's prefix cache; False (nothing done) while requests are in
+        flight, as SGLang refuses it then."""
+        return not self.grammar_waiting and self.scheduler.flush_cache()
 
     @staticmethod
     def new_rid() -> str:
@@ -534,10 +546,13 @@ class EngineCore:
 
     def stats(self) -> dict:
         return {
-            "kv": self.kv_pool.stats(),
+            "kv": self.kv_pool.stats(
+                self.scheduler.cache.blocks() if self.scheduler.cache is not None else None),
             "scheduler": self.scheduler.stats(),
             "pool_mode": self.config.pool_mode,
             "device": self.config.device,
+            "ffn_device": self.config.ffn_device,
+            "device_memory": self.device_memory.read(),
             "attention_bytes": sum(a.nbytes() for a in self.attention.values()),
             "ffn_bytes_here": self.ffn.local_bytes(),
             "ffn_bytes_per_server": self.ffn.server_bytes(),

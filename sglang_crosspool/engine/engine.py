@@ -96,6 +96,10 @@ class Engine:
     def stats(self) -> dict:
         return self.core.stats()
 
+    def flush_cache(self) -> bool:
+        """Empties every model's prefix cache (refused, False, while requests are in flight)."""
+        return self.core.flush_cache()
+
     def shutdown(self) -> None:
         self.core.shutdown()
 

@@ -62,7 +62,7 @@ class RequestState:
             "model": self.req.model,
             "prompt_tokens": len(self.req.input_ids),
             "completion_tokens": len(self.output_ids),
-            "cached_tokens": 0,
+            "cached_tokens": self.sched.cached_tokens,
             "finish_reason": self.finish_reason,
             "e2e_latency": time.monotonic() - self.created,
             "retractions": self.sched.retractions,

@@ -15,6 +15,11 @@ Creating a physical page costs more than mapping it (on CUDA, cuMemCreate), so t
 a *reserve*: up to `reserve_pages` created pages that are not mapped anywhere. Allocation maps
 reserve pages first and creates the rest; a free refills the reserve before it destroys pages.
 Created pages, mapped or in the reserve, never exceed the budget.
+
+Blocks are reference counted (the prefix cache shares one block between the cache and every
+request that reuses it): `alloc_blocks` maps a block with count 1, `retain` adds a holder, and
+`free_blocks` drops one; only the last drop unmaps the block's pages. So a shared block is
+mapped once and unmapped once, whatever the backend (simulated or CUDA VMM) below.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class ModelKV:
     k: list[torch.Tensor]  # per layer [num_blocks * block_tokens, kv_heads, head_dim]
     v: list[torch.Tensor]
     free_blocks: list[int] = field(default_factory=list)
-    blocks_in_use: int = 0
+    blocks_in_use: int = 0  # mapped blocks (each counted once, however many hold it)
+    refs: list[int] = field(default_factory=list)  # per block: holders (0: not mapped)
     quota_pages: int | None = None  # static pool mode: this model's fixed slice
     latent: bool = False  # one range per layer (v_ranges empty, v is k)
 
@@ -102,7 +108,8 @@ class KVPool:
         k = views(k_ranges)
         kv = ModelKV(name, num_layers, block_tokens, num_blocks, k_ranges, v_ranges,
                      k, k if latent else views(v_ranges),
-                     free_blocks=list(range(1, num_blocks + 1))[::-1], latent=latent)
+                     free_blocks=list(range(1, num_blocks + 1))[::-1],
+                     refs=[0] * (num_blocks + 1), latent=latent)
         self.models[name] = kv
         return kv
 
@@ -114,6 +121,9 @@ class KVPool:
 
     def block_tokens(self, model: str) -> int:
         return self.models[model].block_tokens
+
+    def pages_per_block(self, model: str) -> int:
+        return self.models[model].pages_per_block
 
     def max_blocks(self, model: str) -> int:
         """The most blocks one model can ever hold: its virtual range or the whole budget."""
@@ -139,14 +149,33 @@ class KVPool:
             for vrange in kv.k_ranges + kv.v_ranges:
                 page = self._spare.pop() if self._spare else self.backend.create_page()
                 self.backend.map(vrange, b, page)
+            kv.refs[b] = 1
         kv.blocks_in_use += n
         self._pages_out += n * kv.pages_per_block
         return blocks
 
-    def free_blocks(self, model: str, blocks: list[int]) -> None:
+    def retain(self, model: str, blocks: list[int]) -> None:
+        """Adds a holder to mapped blocks (nothing is mapped again)."""
         kv = self.models[model]
-        self.backend.drain()
         for b in blocks:
+            if kv.refs[b] <= 0:
+                raise KVPoolError(f"model {model}: retain of block {b}, which is not mapped")
+            kv.refs[b] += 1
+
+    def free_blocks(self, model: str, blocks: list[int]) -> None:
+        """Drops one holder of each block; unmaps the blocks whose last holder this was."""
+        kv = self.models[model]
+        last = []
+        for b in blocks:
+            if kv.refs[b] <= 0:
+                raise KVPoolError(f"model {model}: free of block {b}, which is not mapped")
+            kv.refs[b] -= 1
+            if kv.refs[b] == 0:
+                last.append(b)
+        if not last:
+            return
+        self.backend.drain()
+        for b in last:
             for vrange in kv.k_ranges + kv.v_ranges:
                 page = self.backend.unmap(vrange, b)
                 # Keep a small reserve of created pages so that the next map skips creation.
@@ -155,8 +184,8 @@ class KVPool:
                 else:
                     self.backend.destroy_page(page)
             kv.free_blocks.append(b)
-        kv.blocks_in_use -= len(blocks)
-        self._pages_out -= len(blocks) * kv.pages_per_block
+        kv.blocks_in_use -= len(last)
+        self._pages_out -= len(last) * kv.pages_per_block
 
     def refill(self) -> int:
         """Creates pages until the reserve is full (or the budget is all created); returns how
@@ -182,24 +211,39 @@ class KVPool:
         kv = self.models[model]
         return kv.blocks_in_use * kv.pages_per_block
 
-    def stats(self) -> dict:
-        """Accounting for metrics and tests: pages and bytes, pool-wide and per model."""
+    def stats(self, cached: dict[str, tuple[int, int]] | None = None) -> dict:
+        """Accounting for metrics and tests: pages and bytes, pool-wide and per model.
+
+        `cached`: per model, (blocks the prefix cache holds, of which evictable: held by the
+        cache alone). As in SGLang, evictable pages count as free, not used: `used_pages` are
+        the pages requests hold, `mapped_pages` every page mapped, `cached_pages` the cache's.
+        """
+        cached = cached or {}
+        models = {}
+        for name, kv in self.models.items():
+            held, evictable = cached.get(name, (0, 0))
+            in_use = kv.blocks_in_use - evictable
+            models[name] = {
+                "pages_in_use": in_use * kv.pages_per_block,
+                "blocks_in_use": in_use,
+                "cached_pages": held * kv.pages_per_block,
+                "evictable_pages": evictable * kv.pages_per_block,
+                "block_tokens": kv.block_tokens,
+                "tokens_capacity_in_use": in_use * kv.block_tokens,
+                "virtual_blocks": kv.num_blocks,
+            }
+        evictable = sum(m["evictable_pages"] for m in models.values())
+        used = self.used_pages - evictable
         return {
             "page_bytes": self.page_bytes,
             "total_pages": self.total_pages,
-            "used_pages": self.used_pages,
-            "free_pages": self.free_pages,
+            "used_pages": used,
+            "free_pages": self.total_pages - used,
+            "mapped_pages": self.used_pages,
+            "cached_pages": sum(m["cached_pages"] for m in models.values()),
+            "evictable_pages": evictable,
             "spare_pages": len(self._spare),
-            "used_bytes": self.used_pages * self.page_bytes,
+            "used_bytes": used * self.page_bytes,
             "total_bytes": self.total_pages * self.page_bytes,
-            "models": {
-                name: {
-                    "pages_in_use": self.pages_in_use(name),
-                    "blocks_in_use": kv.blocks_in_use,
-                    "block_tokens": kv.block_tokens,
-                    "tokens_capacity_in_use": kv.blocks_in_use * kv.block_tokens,
-                    "virtual_blocks": kv.num_blocks,
-                }
-                for name, kv in self.models.items()
-            },
+            "models": models,
         }
