@@ -57,6 +57,20 @@ def test_decode_attention_bf16(heads, kv_heads, ctx_lens, splits):
     _close(out, op.reference(q, k, v, table, ctx_lens, 256))
 
 
+@pytest.mark.parametrize(("heads", "ctx_lens", "splits"), [
+    (16, [1, 255, 4097], None),  # DeepSeek-V2-Lite: 16 heads, latent 512 + 64
+    (128, [1000, 33], 8),  # DeepSeek-V3's 128 heads: eight head blocks
+])
+def test_mla_decode_bf16(heads, ctx_lens, splits):
+    op = KERNELS["mla_decode"]
+    cache, _, table = _paged(ctx_lens, 1, 576, 64)
+    q = torch.randn(len(ctx_lens), heads, 576, device=DEV, dtype=BF16)
+    ctx = torch.tensor(ctx_lens, device=DEV, dtype=torch.int32)
+    out = op.triton(q, cache, table, ctx, 64, 512, 0.1, num_splits=splits,
+                    max_ctx_len=max(ctx_lens))
+    _close(out, op.reference(q, cache, table, ctx_lens, 64, 512, 0.1))
+
+
 def test_prefill_attention_bf16_mixed_batch():
     op = KERNELS["prefill_attention"]
     q_lens, ctx_lens = [300, 1, 77, 1, 1024], [300, 2000, 500, 1, 1500]
