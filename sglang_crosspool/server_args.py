@@ -77,6 +77,12 @@ class ServerArgs:
     ffn_device: str | None = None  # crosspool: where FFN servers run (default: --device)
     devices: tuple[str, ...] = ()  # one attention worker per device (--devices); () = --device
     ffn_placement: tuple | None = None  # from --plan: ((model, ((expert ids), ...)), ...)
+    plan_path: str | None = None  # --plan
+    # From --plan's device layout, per entry of `devices`: the models placed there, its KV
+    # pages and its index among the plan's devices; () when the router places the models.
+    device_models: tuple[tuple[str, ...], ...] = ()
+    device_kv_pages: tuple[int, ...] = ()
+    plan_device_index: tuple[int, ...] = ()
     pipeline_microbatches: int = 1
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
@@ -156,7 +162,7 @@ class ServerArgs:
     @classmethod
     def from_namespace(cls, a: argparse.Namespace, *, make_demo: bool = True,
                        argv: list[str] | None = None) -> ServerArgs:
-        plan = _apply_plan(a) if a.plan else None
+        plan, layout = _apply_plan(a) if a.plan else (None, PlanLayout())
         a.pool_mode = a.pool_mode or "monolithic"
         models, demo = _resolve_models(a, make_demo)
         dtype = _DTYPE_ALIASES.get(a.dtype, a.dtype)
@@ -208,8 +214,10 @@ class ServerArgs:
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
             ffn_device=a.ffn_device, devices=_devices(a.devices),
-            ffn_placement=plan, pipeline_microbatches=a.pipeline_microbatches,
-            kv_pages=a.kv_pages, kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
+            ffn_placement=plan, plan_path=a.plan, device_models=layout.models,
+            device_kv_pages=layout.kv_pages, plan_device_index=layout.plan_index,
+            pipeline_microbatches=a.pipeline_microbatches, kv_pages=a.kv_pages,
+            kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
             skip_server_warmup=a.skip_server_warmup, max_n=a.max_n,
             max_request_bytes=a.max_request_bytes, shutdown_timeout=a.shutdown_timeout,
@@ -225,8 +233,20 @@ def _devices(text: str | None) -> tuple[str, ...]:
     return devices
 
 
-def _apply_plan(a: argparse.Namespace) -> tuple | None:
-    """Fills unset options from a plan.json; returns its expert placement (crosspool)."""
+@dataclass(frozen=True)
+class PlanLayout:
+    """Where a plan puts the attention workers: per worker (an entry of --devices), its
+    models, KV pages and index among the plan's devices."""
+
+    models: tuple[tuple[str, ...], ...] = ()
+    kv_pages: tuple[int, ...] = ()
+    plan_index: tuple[int, ...] = ()
+
+
+def _apply_plan(a: argparse.Namespace) -> tuple[tuple | None, PlanLayout]:
+    """Fills unset options from a plan.json; returns its expert placement (crosspool) and
+    its device layout. The layout applies when --devices is given or --device is a GPU and
+    the plan is for several devices; otherwise the whole plan runs on --device."""
     from sglang_crosspool.planner.errors import PlanError
     from sglang_crosspool.planner.schema import load_plan
 
@@ -236,6 +256,9 @@ def _apply_plan(a: argparse.Namespace) -> tuple | None:
         raise ServerArgsError(f"--plan: {e}") from None
     a.pool_mode = a.pool_mode or "crosspool"
     mode = plan.mode(a.pool_mode)
+    if not mode.served:
+        raise ServerArgsError(f"--plan: its {a.pool_mode} mode serves no model ("
+                              + "; ".join(f"{m.name}: {m.reason}" for m in mode.models) + ")")
     if not (a.model_path or a.model or a.models_from_config):
         a.model = [f"{name}={plan.model(name).path}" for name in mode.served]
     if a.kv_page_bytes is None:
@@ -243,11 +266,49 @@ def _apply_plan(a: argparse.Namespace) -> tuple | None:
     kv_devices = [d for d in mode.devices if d.index in mode.kv_devices]
     if a.kv_pages is None and a.max_total_tokens is None and kv_devices:
         a.kv_pages = int(kv_devices[0].kv_pages)
+    layout = _plan_layout(a, plan, mode)
     if a.pool_mode != "crosspool" or mode.placement is None:
-        return None
+        return None, layout
     a.ffn_servers = len(mode.weights_devices)
     table = mode.placement.table()
-    return tuple((name, tuple(tuple(e) for e in shares)) for name, shares in table.items())
+    return tuple((name, tuple(tuple(e) for e in shares)) for name, shares in table.items()), \
+        layout
+
+
+def _plan_layout(a: argparse.Namespace, plan, mode) -> PlanLayout:
+    n = plan.inputs.devices
+    given = _devices(a.devices)
+    if not given and (n < 2 or not a.device.startswith("cuda")):
+        return PlanLayout()
+    devices = list(given) or [f"cuda:{i}" for i in range(n)]
+    if len(devices) != n:
+        raise ServerArgsError(f"--devices: the plan is for {n} devices, got {len(devices)} "
+                              f"({','.join(devices)})")
+    if a.pool_mode == "crosspool":
+        if len(mode.kv_devices) != 1:
+            raise ServerArgsError(
+                f"--plan: its crosspool mode puts attention on {len(mode.kv_devices)} KV-pool "
+                "devices; attention replicas sharing one weights pool are not supported yet "
+                "(plan for fewer devices, or use monolithic)")
+        ffn = {devices[d] for d in mode.weights_devices}
+        if len(ffn) != 1:
+            raise ServerArgsError(
+                f"--plan: its weights pool spans {len(ffn)} devices ({', '.join(sorted(ffn))}); "
+                "FFN servers on several devices are not supported yet")
+        a.ffn_device = a.ffn_device or ffn.pop()
+        kv = mode.kv_devices[0]
+        a.devices = devices[kv]
+        return PlanLayout((tuple(mode.served),), (int(mode.devices[kv].kv_pages),), (kv,))
+    for row in mode.models:
+        if row.fits and len(row.devices) != 1:
+            raise ServerArgsError(
+                f"--plan: {a.pool_mode} puts model {row.name!r} over {len(row.devices)} devices "
+                "(tensor parallel), which this server cannot run yet; plan it with "
+                "`--monolithic-layout packed` or on larger devices")
+    used = [d for d in mode.devices if d.holds]
+    a.devices = ",".join(devices[d.index] for d in used)
+    return PlanLayout(tuple(tuple(d.holds) for d in used),
+                      tuple(int(d.kv_pages) for d in used), tuple(d.index for d in used))
 
 
 def kv_pages_for_tokens(config, tokens: int) -> int:

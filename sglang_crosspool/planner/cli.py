@@ -1,5 +1,6 @@
 """Command line: `python -m sglang_crosspool.plan --model-path A --model-path B --devices 2
---device-memory 80GB [--traffic traffic.yaml] [--dtype bfloat16] [--out plan.json]`.
+--device-memory 80GB [--traffic traffic.yaml] [--dtype bfloat16] [--monolithic-layout packed|tp]
+[--out plan.json]`.
 
 In: the flags above. Out: the readable plan on stdout, plan.json when --out is given; on bad
 input one line `error: ...` on stderr and exit status 2.
@@ -48,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running-requests", type=int, default=DEFAULT_MAX_RUNNING,
                    help="concurrent requests per model that `static` reserves worst-case KV "
                    f"for, unless the traffic file says (default {DEFAULT_MAX_RUNNING})")
+    p.add_argument("--monolithic-layout", choices=("packed", "tp"), default="packed",
+                   help="monolithic mode: packed (default; each model whole on one GPU, "
+                   "bin-packed, what `launch --plan` serves) or tp (every model over every GPU "
+                   "with attention TP, for comparison)")
     p.add_argument("--out", help="write the plan as JSON here (read back with load_plan)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the report")
     p.add_argument("--brief", action="store_true", help="tables only, without the arithmetic")
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, traffic=args.traffic,
             mem_fraction_static=args.mem_fraction_static,
             page_bytes=parse_size(args.kv_page_bytes, "--kv-page-bytes"),
-            max_running=args.max_running_requests, served_names=args.served_model_name)
+            max_running=args.max_running_requests, served_names=args.served_model_name,
+            monolithic_layout=args.monolithic_layout)
     except (PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,13 @@ from sglang_crosspool.planner.crosspool import crosspool_mode
 from sglang_crosspool.planner.errors import PlanError
 from sglang_crosspool.planner.figure import Figure, num, size
 from sglang_crosspool.planner.monolithic import monolithic_mode
-from sglang_crosspool.planner.schema import SCHEMA_VERSION, Inputs, ModelInfo, Plan
+from sglang_crosspool.planner.schema import (
+    MONOLITHIC_LAYOUTS,
+    SCHEMA_VERSION,
+    Inputs,
+    ModelInfo,
+    Plan,
+)
 from sglang_crosspool.planner.static import static_mode
 from sglang_crosspool.planner.traffic import check_names, read_traffic_file, resolve_traffic
 from sglang_crosspool.planner.weights import (
@@ -41,6 +47,7 @@ def build_plan(
     page_bytes: int = DEFAULT_PAGE_BYTES,
     max_running: int = DEFAULT_MAX_RUNNING,
     served_names: list[str] | None = None,
+    monolithic_layout: str = "packed",
 ) -> Plan:
     """Models are listed in priority order: where not all fit, earlier ones are kept."""
     if not model_paths:
@@ -53,6 +60,9 @@ def build_plan(
         raise PlanError(f"mem_fraction_static: must be in (0, 1], got {mem_fraction_static}")
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"dtype: {dtype!r} is not one of {', '.join(sorted(DTYPE_BYTES))}")
+    if monolithic_layout not in MONOLITHIC_LAYOUTS:
+        raise PlanError(f"monolithic_layout: {monolithic_layout!r} is not one of "
+                        f"{', '.join(MONOLITHIC_LAYOUTS)}")
     if max_running < 1:
         raise PlanError(f"max_running: must be >= 1, got {max_running}")
     names = list(served_names) if served_names else [Path(p).name for p in model_paths]
@@ -73,7 +83,7 @@ def build_plan(
     usable = Figure(usable_value, f"{num(device_memory_bytes)} B x {mem_fraction_static} "
                     f"mem_fraction_static = {size(usable_value)}")
     inputs = Inputs(devices, device_memory_bytes, mem_fraction_static, usable, dtype,
-                    DTYPE_BYTES[dtype], page_bytes, max_running)
+                    DTYPE_BYTES[dtype], page_bytes, max_running, monolithic_layout)
     listed = list(models)
     return Plan(SCHEMA_VERSION, inputs, models, static_mode(inputs, listed),
                 monolithic_mode(inputs, listed), crosspool_mode(inputs, listed))

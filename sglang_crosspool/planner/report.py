@@ -17,6 +17,7 @@ def render(plan: Plan, arithmetic: bool = True) -> str:
                f"{num(i.device_memory_bytes)} B devices, {i.dtype} weights and KV, "
                f"{num(i.page_bytes)} B KV pages")
     out.append(f"usable per device: {i.usable_bytes.how}")
+    out.append(f"monolithic layout: {i.monolithic_layout}")
     out.append("models are listed in priority order: where not all fit, earlier ones are kept")
     out += ["", "== models =="]
     for m in plan.models:

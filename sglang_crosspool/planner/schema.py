@@ -21,6 +21,7 @@ from sglang_crosspool.planner.weights import Weights
 
 SCHEMA_VERSION = 1
 MODES = ("static", "monolithic", "crosspool")
+MONOLITHIC_LAYOUTS = ("packed", "tp")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Inputs:
     dtype_bytes: int
     page_bytes: int
     max_running_default: int
+    monolithic_layout: str = "packed"  # packed: a model per device; tp: all over all devices
 
 
 @dataclass(frozen=True)
@@ -194,10 +196,11 @@ def _build(tp, value):
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         fields = {f.name for f in dataclasses.fields(tp)}
-        missing = fields - set(value)
+        missing = {f.name for f in dataclasses.fields(tp) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING} - set(value)
         if missing:
             raise KeyError(f"{tp.__name__} lacks {', '.join(sorted(missing))}")
-        return tp(**{name: _build(hints[name], value[name]) for name in fields})
+        return tp(**{name: _build(hints[name], value[name]) for name in fields if name in value})
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool, float) and (not isinstance(value, tp) or

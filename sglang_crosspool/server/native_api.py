@@ -305,10 +305,38 @@ async def server_info(request: Request):
                     "used_pages", "total_pages", "page_bytes", "used_bytes", "total_bytes")},
                 "attention_bytes": stats.get("attention_bytes", 0),
                 "ffn_bytes_here": stats.get("ffn_bytes_here", 0),
-                "ffn_bytes_per_server": stats.get("ffn_bytes_per_server", [])}],
+                "ffn_device": stats.get("ffn_device"),
+                "ffn_bytes_per_server": stats.get("ffn_bytes_per_server", []),
+                "device_memory": stats.get("device_memory", {})}],
         }],
     }
     return JSONResponse(info)
+
+
+@route("/plan")
+async def plan(request: Request):
+    """The plan the server was launched with (`--plan`) beside what its workers report, per
+    device (see `plan_check.py`)."""
+    from sglang_crosspool.planner.schema import load_plan
+    from sglang_crosspool.server.plan_check import plan_report
+
+    state = request.app.state.server
+    if not state.args.plan_path:
+        raise ApiError(404, "this server was launched without --plan")
+    stats = await state.manager.control("stats")
+    if "error" in stats:
+        raise ApiError(503, stats["error"])
+    if not stats.get("workers"):  # one worker: the shape the router gives several
+        stats = {**stats, "workers": [{
+            "device": stats.get("device"), "models": state.config.model_names,
+            "kv": stats.get("kv", {}), "attention_bytes": stats.get("attention_bytes", 0),
+            "ffn_bytes_here": stats.get("ffn_bytes_here", 0),
+            "ffn_device": stats.get("ffn_device"),
+            "ffn_bytes_per_server": stats.get("ffn_bytes_per_server", []),
+            "device_memory": stats.get("device_memory")}]}
+    report = plan_report(load_plan(state.args.plan_path), state.args.pool_mode,
+                         state.args.plan_device_index, stats)
+    return JSONResponse({"plan": state.args.plan_path, **report})
 
 
 @route("/flush_cache", methods=("GET", "POST"))

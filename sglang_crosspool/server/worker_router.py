@@ -72,16 +72,18 @@ def place_models(config, devices: list[str]) -> list[list[str]]:
     return out
 
 
-def worker_config(config, device: str, names: list[str]):
-    """`config` cut down to one attention worker: its device and its models. FFN servers
-    follow the worker's device unless the config puts them on a device of their own."""
+def worker_config(config, device: str, names: list[str], kv_pages: int | None = None):
+    """`config` cut down to one attention worker: its device, its models and (from a plan)
+    its KV pages. FFN servers follow the worker's device unless the config puts them on a
+    device of their own."""
     models = tuple(m for m in config.models if m.name in names)
     placement = config.ffn_placement
     if placement is not None:
         placement = tuple((name, shares) for name, shares in placement if name in names)
     ffn_device = config.ffn_device if config.ffn_device != config.device else device
     return dataclasses.replace(config, models=models, device=device, ffn_device=ffn_device,
-                               ffn_placement=placement)
+                               ffn_placement=placement,
+                               kv_pages=kv_pages if kv_pages is not None else config.kv_pages)
 
 
 @dataclass
@@ -120,16 +122,18 @@ class WorkerRouterClient(EngineClient):
     """The router: one `EngineClient` (process or in-process) per attention worker."""
 
     def __init__(self, args, config, devices: list[str], in_process: bool = False,
-                 placement: list[list[str]] | None = None):
+                 placement: list[list[str]] | None = None,
+                 kv_pages: list[int] | None = None):
         self.config = config
         placement = placement or place_models(config, devices)
+        kv_pages = list(kv_pages or [None] * len(devices))
         self.workers: list[_Worker] = []
         cls = InProcessEngineClient if in_process else MultiprocessEngineClient
         try:
-            for i, (device, names) in enumerate(zip(devices, placement)):
+            for i, (device, names, pages) in enumerate(zip(devices, placement, kv_pages)):
                 if not names:
                     continue
-                cfg = worker_config(config, device, names)
+                cfg = worker_config(config, device, names, pages)
                 self.workers.append(_Worker(i, device, list(names), cls(_WorkerArgs(args, i),
                                                                         cfg)))
         except BaseException:
@@ -222,7 +226,7 @@ class WorkerRouterClient(EngineClient):
                     w.rids.discard(update.rid)
             self._deliver(BatchOutput(msg.updates, self.merged_stats()))
         elif isinstance(msg, ControlResult):
-            self._control_result(msg)
+            self._control_result(w, msg)
         else:
             self._deliver(msg)
 
@@ -249,23 +253,26 @@ class WorkerRouterClient(EngineClient):
         else:
             self._deliver(AddResults(pending.rids, None))
 
-    def _control_result(self, msg: ControlResult) -> None:
+    def _control_result(self, w: _Worker, msg: ControlResult) -> None:
         entry = self._controls.get(msg.cid)
         if entry is None:
             return
         kind, expected, results = entry
-        results.append(msg.result)
+        results.append((w.index, msg.result))
         if len(results) < expected:
             return
         del self._controls[msg.cid]
         self._deliver(ControlResult(msg.cid, self._merge_results(kind, results)))
 
-    def _merge_results(self, kind: str, results: list[dict]) -> dict:
+    def _merge_results(self, kind: str, answers: list[tuple[int, dict]]) -> dict:
+        """Merges the live workers' answers (worker index, result), in worker order."""
+        answers = sorted(answers, key=lambda a: a[0])
+        results = [r for _, r in answers]
         errors = [r["error"] for r in results if "error" in r]
         if errors:
             return {"error": "; ".join(errors)}
         if kind == "stats":
-            merged = self.merged_stats(results)
+            merged = self.merged_stats(dict(answers))
             merged["in_flight"] = sum(r.get("in_flight", 0) for r in results)
             merged["pid"] = results[0].get("pid")
             return merged
@@ -302,10 +309,11 @@ class WorkerRouterClient(EngineClient):
 
     # -- stats ------------------------------------------------------------------------------
 
-    def merged_stats(self, per_worker: list[dict] | None = None) -> dict:
+    def merged_stats(self, fresh: dict[int, dict] | None = None) -> dict:
         """The workers' stats as one engine's (sums, per-model tables side by side), with each
-        worker's own under `workers`."""
-        per_worker = per_worker or [w.stats for w in self.workers]
+        worker's own under `workers`; `fresh`: newer stats of some workers, by index."""
+        fresh = fresh or {}
+        per_worker = [fresh.get(w.index, w.stats) for w in self.workers]
         merged: dict = {}
         for stats in per_worker:
             _merge_into(merged, stats)
@@ -322,7 +330,9 @@ class WorkerRouterClient(EngineClient):
                     ("used_pages", "total_pages", "page_bytes", "used_bytes", "total_bytes")},
              "attention_bytes": s.get("attention_bytes", 0),
              "ffn_bytes_here": s.get("ffn_bytes_here", 0),
-             "ffn_bytes_per_server": s.get("ffn_bytes_per_server", [])}
+             "ffn_device": s.get("ffn_device"),
+             "ffn_bytes_per_server": s.get("ffn_bytes_per_server", []),
+             "device_memory": s.get("device_memory", {})}
             for w, s in zip(self.workers, per_worker)]
         merged["unavailable"] = "; ".join(x for x in (
             [w.dead for w in self.workers if w.dead] +
@@ -363,5 +373,7 @@ def make_engine_client(args, config) -> EngineClient:
     attention worker per device of `--devices`."""
     devices = list(getattr(args, "devices", None) or [])
     if len(devices) > 1:
-        return WorkerRouterClient(args, config, devices)
+        return WorkerRouterClient(args, config, devices,
+                                  placement=[list(m) for m in args.device_models] or None,
+                                  kv_pages=list(args.device_kv_pages) or None)
     return MultiprocessEngineClient(args, config)

@@ -1,17 +1,23 @@
 """One server over several devices (`--devices`): an attention worker process per device, the
-models placed over them, each worker with its own KV pool; CPU processes stand in for GPUs.
+models placed over them (by size, or by a plan), each worker with its own KV pool; CPU
+processes stand in for GPUs.
 
 Every pool mode gives, for every model, the greedy tokens of a one-device server; the stats
-and `/metrics` report each device; a worker killed mid-request ends its requests with an error
+and `/metrics` report each device; with `--plan`, the workers hold what the plan says, device
+by device (`GET /plan`); a worker killed mid-request ends its requests with an error
 naming it while the other worker keeps serving, and its models get 503.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -50,8 +56,11 @@ def one_device(three_models, launch_module_server):
     ("cpu,cpu", ["--pool-mode", "monolithic"]),
     ("cpu,cpu,cpu", ["--pool-mode", "monolithic"]),
     ("cpu,cpu", ["--pool-mode", "static"]),
+    ("cpu,cpu,cpu", ["--pool-mode", "static"]),
     ("cpu,cpu", ["--pool-mode", "crosspool", "--ffn-transport", "shm"]),
-], ids=["monolithic-2", "monolithic-3", "static-2", "crosspool-shm-2"])
+    ("cpu,cpu,cpu", ["--pool-mode", "crosspool", "--ffn-transport", "shm"]),
+], ids=["monolithic-2", "monolithic-3", "static-2", "static-3", "crosspool-shm-2",
+        "crosspool-shm-3"])
 def test_models_spread_over_devices_give_one_devices_tokens(three_models, one_device,
                                                             launch_server, devices, mode):
     server = launch_server(three_models, "--devices", devices, *mode)
@@ -76,6 +85,8 @@ def test_models_spread_over_devices_give_one_devices_tokens(three_models, one_de
 def test_a_killed_worker_fails_its_requests_and_the_other_serves_on(three_models,
                                                                     launch_server):
     server = launch_server(three_models, "--devices", "cpu,cpu")
+    no_plan = server.get("/plan")
+    assert no_plan.status_code == 404 and "without --plan" in no_plan.text
     workers = server.internal_state()["workers"]
     victim = next(w for w in workers if w["index"] == 1)
     survivor_model = next(w for w in workers if w["index"] == 0)["models"][0]
@@ -108,3 +119,64 @@ def test_a_killed_worker_fails_its_requests_and_the_other_serves_on(three_models
     again = server.post("/generate", json={"model": survivor_model, "input_ids": [1, 2],
                                            "sampling_params": GREEDY})
     assert again.status_code == 200
+
+
+PLAN_TRAFFIC = '{"default": {"mean_context": 128, "max_context": 256, "max_running": 2}}'
+
+
+def make_plan(three_models, tmp_path, devices: int, memory: int = 4 << 20) -> Path:
+    traffic = tmp_path / "traffic.json"
+    traffic.write_text(PLAN_TRAFFIC)
+    out = tmp_path / f"plan-{devices}.json"
+    cmd = [sys.executable, "-m", "sglang_crosspool.plan", "--devices", str(devices),
+           "--device-memory", str(memory), "--dtype", "float32", "--kv-page-bytes", "4096",
+           "--traffic", str(traffic), "--out", str(out), "--brief"]
+    for name, path in three_models.items():
+        cmd += ["--model-path", path, "--served-model-name", name]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("devices, mode, workers", [
+    ("cpu,cpu", "monolithic", 2), ("cpu,cpu,cpu", "monolithic", 3),
+    ("cpu,cpu", "static", 2), ("cpu,cpu", "crosspool", 1),
+])
+def test_the_plan_places_models_and_the_workers_hold_what_it_says(
+        three_models, one_device, launch_server, tmp_path, devices, mode, workers):
+    plan_file = make_plan(three_models, tmp_path, len(devices.split(",")))
+    plan = json.loads(plan_file.read_text())[mode]
+    extra = ["--ffn-transport", "shm"] if mode == "crosspool" else []  # FFN servers: processes
+    server = launch_server({}, "--plan", str(plan_file), "--pool-mode", mode,
+                           "--devices", devices, *extra)
+    assert outputs(server) == one_device
+    state = server.internal_state()
+    assert len(state.get("workers", [])) == workers
+    report = server.get("/plan").json()
+    assert report["mode"] == mode and report["served"] == sorted(MODELS, key=list(
+        MODELS).index)
+    for device in report["devices"]:
+        planned, got = device["planned"], device["reported"]
+        if not planned["models"]:
+            assert got is None  # a device the plan leaves empty gets no worker
+            continue
+        # Weight bytes as the plan computed them from config.json, and as the workers and
+        # FFN servers hold them in tensors: within 5% (here they are the same count).
+        assert abs(device["weights_ratio"] - 1) <= 0.05, device
+        if planned["role"] != "weights":
+            assert got["kv_pages"] == planned["kv_pages"], device
+            assert sorted(got["models"]) == sorted(planned["models"])
+    by_index = {d["index"]: d for d in report["devices"]}
+    for d in plan["devices"]:
+        assert by_index[d["index"]]["planned"]["weights_bytes"] == d["weights_bytes"]["value"]
+
+
+def test_a_plan_the_server_cannot_run_is_refused_with_its_reason(three_models, tmp_path):
+    plan_file = make_plan(three_models, tmp_path, 3)  # crosspool: 2 KV-pool devices
+    r = subprocess.run([sys.executable, "-m", "sglang_crosspool.launch", "--plan",
+                        str(plan_file), "--devices", "cpu,cpu,cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "2 KV-pool devices" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "sglang_crosspool.launch", "--plan",
+                        str(plan_file), "--devices", "cpu,cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "the plan is for 3 devices, got 2" in r.stderr, r.stderr

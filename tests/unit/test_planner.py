@@ -111,6 +111,8 @@ def tokens(name: str, pages: int, tp: int) -> int:
 
 
 def plan(devices: int, memory: str, names=ORDER, **kw):
+    """The TP layout of monolithic, unless told: the hand figures below are worked out for it."""
+    kw.setdefault("monolithic_layout", "tp")
     return build_plan([CONFIGS / n for n in names], devices, parse_size(memory), **kw)
 
 
@@ -527,7 +529,8 @@ def _cli(*args, cwd=None):
 def test_cli_prints_the_plan_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     models = [arg for n in ORDER for arg in ("--model-path", str(CONFIGS / n))]
-    r = _cli(*models, "--devices", "2", "--device-memory", "141GB", "--out", str(out))
+    r = _cli(*models, "--devices", "2", "--device-memory", "141GB", "--out", str(out),
+             "--monolithic-layout", "tp")
     assert r.returncode == 0, r.stderr
     text = r.stdout
     for needle in ("== static ==", "== monolithic ==", "== crosspool ==",
