@@ -42,6 +42,7 @@ from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprob
 from sglang_crosspool.engine.sampling_params import InvalidRequest
 from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
 from sglang_crosspool.ffn.factory import make_ffn_executor
+from sglang_crosspool.memory.device_memory import DeviceMemory
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import make_backend
 from sglang_crosspool.models.checkpoint import open_checkpoint
@@ -103,6 +104,7 @@ class EngineCore:
         backend = make_backend(self.device, cfg.kv_page_bytes, cfg.kv_page_backend)
         pages = cfg.kv_pages or max(1, cfg.kv_budget_bytes // backend.page_bytes)
         self.kv_pool = KVPool(backend, pages, reserve_pages=cfg.kv_reserve_pages)
+        self.device_memory = DeviceMemory(cfg.device, self.kv_pool)
         for entry in cfg.models:
             s = entry.spec
             self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
@@ -549,6 +551,8 @@ class EngineCore:
             "scheduler": self.scheduler.stats(),
             "pool_mode": self.config.pool_mode,
             "device": self.config.device,
+            "ffn_device": self.config.ffn_device,
+            "device_memory": self.device_memory.read(),
             "attention_bytes": sum(a.nbytes() for a in self.attention.values()),
             "ffn_bytes_here": self.ffn.local_bytes(),
             "ffn_bytes_per_server": self.ffn.server_bytes(),
