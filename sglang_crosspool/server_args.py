@@ -70,6 +70,7 @@ class ServerArgs:
     constrained_json_disable_any_whitespace: bool = False
     grammar_jump_forward: bool = False
     disable_cuda_graph: bool = False
+    disable_radix_cache: bool = False  # no prefix cache: every prompt is computed whole
     cuda_graph_max_bs_decode: int | None = None
     pool_mode: str = "monolithic"
     ffn_servers: int = 1
@@ -134,6 +135,7 @@ class ServerArgs:
             ffn_device=self.ffn_device,
             ffn_placement=self.ffn_placement, pipeline_microbatches=self.pipeline_microbatches,
             disable_cuda_graph=self.disable_cuda_graph,
+            disable_radix_cache=self.disable_radix_cache,
             cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
             kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages,
             load_format=self.load_format, grammar_backend=self.grammar_backend,
@@ -210,7 +212,7 @@ class ServerArgs:
             attention_backend=a.attention_backend, grammar_backend=a.grammar_backend,
             constrained_json_disable_any_whitespace=a.constrained_json_disable_any_whitespace,
             grammar_jump_forward=a.grammar_jump_forward,
-            disable_cuda_graph=a.disable_cuda_graph,
+            disable_cuda_graph=a.disable_cuda_graph, disable_radix_cache=a.disable_radix_cache,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
             ffn_device=a.ffn_device, devices=_devices(a.devices),
@@ -537,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV pages created ahead and kept unmapped, so new blocks map without "
                         "creating memory; part of the KV budget (default: none on CPU, two "
                         "blocks of the model with the most layers on CUDA)")
+    g.add_argument("--disable-radix-cache", action="store_true",
+                   help="no prefix cache (RadixAttention): every prompt is computed whole")
 
     g = p.add_argument_group("CrossPool")
     g.add_argument("--plan", metavar="FILE",

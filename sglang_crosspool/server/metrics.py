@@ -1,7 +1,8 @@
 """Prometheus metrics, with SGLang's names where SGLang has the metric.
 
 Counters and histograms are recorded by the request manager as tokens come back; the gauges
-(running/queued requests, KV pages) are read from the scheduler's latest stats at scrape time.
+(running/queued requests, KV pages, each model's prefix-cache pages) are read from the
+scheduler's latest stats at scrape time.
 Every metric carries a `model_name` label; the pool-wide KV gauges carry `pool="kv"`. Each
 server has its own registry, so two servers in one process (tests) never mix their numbers.
 """
@@ -33,8 +34,15 @@ class _SchedulerGauges:
                                         "KV token slots in use (whole blocks)",
                                         labels=["model_name"])
         model_pages = GaugeMetricFamily("sglang_crosspool:kv_pages_used",
-                                        "Physical KV pages mapped for the model",
+                                        "KV pages the model's requests hold",
                                         labels=["model_name"])
+        cached_pages = GaugeMetricFamily("sglang_crosspool:prefix_cache_pages",
+                                         "KV pages the model's prefix cache holds (mapped; "
+                                         "shared with requests or evictable)",
+                                         labels=["model_name"])
+        evictable = GaugeMetricFamily("sglang_crosspool:prefix_cache_evictable_pages",
+                                      "Cached KV pages no request uses (evicted first under "
+                                      "pressure)", labels=["model_name"])
         for m in self.models:
             q = sched.get(m, {})
             running.add_metric([m], q.get("running", 0))
@@ -42,11 +50,15 @@ class _SchedulerGauges:
             mk = kv.get("models", {}).get(m, {})
             used_tokens.add_metric([m], mk.get("tokens_capacity_in_use", 0))
             model_pages.add_metric([m], mk.get("pages_in_use", 0))
-        yield from (running, queued, used_tokens, model_pages)
+            cached_pages.add_metric([m], mk.get("cached_pages", 0))
+            evictable.add_metric([m], mk.get("evictable_pages", 0))
+        yield from (running, queued, used_tokens, model_pages, cached_pages, evictable)
         for name, key, doc in (
             ("sglang_crosspool:kv_pool_pages_used", "used_pages", "KV pool pages in use"),
             ("sglang_crosspool:kv_pool_pages_free", "free_pages", "KV pool pages free"),
             ("sglang_crosspool:kv_pool_pages_total", "total_pages", "KV pool pages in all"),
+            ("sglang_crosspool:kv_pool_pages_cached", "cached_pages",
+             "KV pool pages the prefix caches hold"),
             ("sglang_crosspool:kv_pool_page_bytes", "page_bytes", "Bytes of one KV page"),
         ):
             g = GaugeMetricFamily(name, doc, labels=["pool"])
@@ -99,6 +111,9 @@ class ServerMetrics:
                                          registry=r)
         self.num_requests = Counter("sglang:num_requests", "Requests finished (any reason)",
                                     labels, registry=r)
+        # SGLang's sglang:cached_tokens_total: prompt tokens whose KV came from the cache.
+        self.cached_tokens = Counter("sglang:cached_tokens", "Prompt tokens taken from the "
+                                     "prefix cache", labels, registry=r)
         self.num_aborted = Counter("sglang:num_aborted_requests", "Requests aborted", labels,
                                    registry=r)
         self.num_rejected = Counter("sglang_crosspool:num_rejected_requests",
@@ -117,7 +132,7 @@ class ServerMetrics:
         r.register(self.gauges)
         for m in models:  # so that every series exists from the start, at zero
             for c in (self.prompt_tokens, self.generation_tokens, self.num_requests,
-                      self.num_aborted):
+                      self.num_aborted, self.cached_tokens):
                 c.labels(m)
 
     def set_stats(self, stats: dict) -> None:
@@ -142,6 +157,9 @@ class ServerMetrics:
         self.e2e.labels(model).observe(e2e)
         if decode_time is not None and completion_tokens > 1:
             self.tpot.labels(model).observe(decode_time / (completion_tokens - 1))
+
+    def cached(self, model: str, tokens: int) -> None:
+        self.cached_tokens.labels(model).inc(tokens)
 
     def rejected(self, model: str, status: int) -> None:
         self.num_rejected.labels(model, str(status)).inc()

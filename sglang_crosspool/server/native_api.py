@@ -133,7 +133,7 @@ def result_dict(h: RequestHandle, state, text: str | None = None) -> dict:
         "finish_reason": h.finish_reason,
         "prompt_tokens": h.prompt_tokens,
         "completion_tokens": len(h.output_ids),
-        "cached_tokens": 0,
+        "cached_tokens": h.cached_tokens,
         "num_retractions": h.retractions,
     }
     if h.finished:

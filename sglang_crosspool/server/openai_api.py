@@ -155,8 +155,10 @@ def _stream_error(h: RequestHandle) -> bytes:
 def _usage(handles: list[RequestHandle], n: int) -> dict:
     prompt = sum(h.prompt_tokens for h in handles[::n])  # each prompt once, as OpenAI counts
     completion = sum(len(h.output_ids) for h in handles)
+    cached = sum(h.cached_tokens for h in handles[::n])
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _check_abort(handles: list[RequestHandle]) -> None:

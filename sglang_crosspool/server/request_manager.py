@@ -61,6 +61,7 @@ class RequestHandle:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: dict | None = None
     retractions: int = 0
+    cached_tokens: int = 0
     input_token_logprobs: list = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)
     output_token_logprobs: list = field(default_factory=list)
@@ -88,6 +89,7 @@ class RequestHandle:
         self.text = self.text[: u.text_offset] + u.text_delta
         self.output_ids.extend(u.new_ids)
         self.retractions = u.retractions
+        self.cached_tokens = u.cached_tokens
         self.input_token_logprobs.extend(u.input_token_logprobs)
         self.input_top_logprobs.extend(u.input_top_logprobs)
         self.output_token_logprobs.extend(u.output_token_logprobs)
@@ -246,6 +248,7 @@ class RequestManager:
                 self.metrics.finished(model, h.prompt_tokens, len(h.output_ids),
                                       now - h.created, decode,
                                       h.finish_reason.get("type") == "abort")
+                self.metrics.cached(model, h.cached_tokens)
             if h.done is not None and not h.done.done():
                 h.done.set_result(None)
 

@@ -189,8 +189,8 @@ class SchedulerLoop:
         elif msg.kind == "stats":
             result = {**self.core.stats(), "pid": os.getpid(), "in_flight": len(self.states)}
         elif msg.kind == "flush_cache":
-            # No prefix cache yet, so there is nothing to drop; like SGLang, refuse while busy.
-            idle = not self.core.has_work()
+            # Every model's prefix cache; like SGLang, refused while requests are in flight.
+            idle = self.core.flush_cache()
             result = {"success": idle, "message": "" if idle else
                       "there are running or waiting requests; the cache was not flushed"}
         else:
@@ -213,7 +213,7 @@ class SchedulerLoop:
             list(state.input_token_logprobs[sent.in_lp:]),
             list(state.input_top_logprobs[sent.in_top:]),
             list(state.output_token_logprobs[sent.out_lp:]),
-            list(state.output_top_logprobs[sent.out_top:]))
+            list(state.output_top_logprobs[sent.out_top:]), state.sched.cached_tokens)
         sent.ids, sent.text = len(ids), len(text)
         sent.in_lp, sent.in_top = len(state.input_token_logprobs), len(state.input_top_logprobs)
         sent.out_lp = len(state.output_token_logprobs)

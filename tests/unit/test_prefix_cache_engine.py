@@ -116,3 +116,12 @@ def test_flush_is_refused_while_a_request_runs_and_then_unmaps_every_page(tiny_m
     assert backend.map_calls == backend.unmap_calls
     again = engine.generate(input_ids=SYSTEM + [5], sampling_params=GREEDY)
     assert again["meta_info"]["cached_tokens"] == 0
+
+
+def test_disable_radix_cache_flag_reaches_the_engine_config(tiny_models):
+    from sglang_crosspool.server_args import ServerArgs
+
+    argv = ["--model-path", tiny_models["olmoe"]]
+    assert ServerArgs.from_cli(argv, make_demo=False).engine_config().radix_cache
+    off = ServerArgs.from_cli(argv + ["--disable-radix-cache"], make_demo=False)
+    assert not off.engine_config().radix_cache
