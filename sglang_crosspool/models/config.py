@@ -9,7 +9,8 @@ each field is read from the first spelling present, and a missing or malformed f
 `CheckpointError` naming the file and the field.
 
 DeepSeek-V2 adds multi-head latent attention (`MLASpec`), YaRN rotary scaling (`YarnRope`) and
-grouped top-k routing (`RouterSpec`); for an MLA model `num_kv_heads` and `head_dim` describe
+grouped top-k routing (`RouterSpec`); DeepSeek-V3 the same, with sigmoid routing and a score
+correction bias. For an MLA model `num_kv_heads` and `head_dim` describe
 what the KV cache holds per token and layer: one latent "head" of kv_lora_rank + rope dims.
 """
 
@@ -27,8 +28,13 @@ class CheckpointError(ValueError):
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Architectures whose models apply YaRN rotary scaling; elsewhere it is refused, not ignored.
-_YARN_MODEL_TYPES = ("deepseek_v2",)
-_TOPK_METHODS = ("greedy", "group_limited_greedy")
+_YARN_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+_MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# (scoring_func, topk_method) pairs with a known meaning: DeepSeek-V2's softmax routers and
+# DeepSeek-V3's sigmoid one with a score-correction bias (transformers' deepseek_v3 config has
+# neither field: that model type implies the latter).
+_ROUTERS = {("softmax", "greedy"), ("softmax", "group_limited_greedy"), ("sigmoid", "noaux_tc")}
 
 
 @dataclass(frozen=True)
@@ -68,12 +74,14 @@ class YarnRope:
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """How the router picks experts from its softmax scores (DeepSeek's options)."""
+    """How the router picks experts from its scores (DeepSeek's options)."""
 
-    topk_method: str = "greedy"  # or "group_limited_greedy": top-k within the best groups
+    topk_method: str = "greedy"  # or "group_limited_greedy": top-k within the best groups,
+    # or "noaux_tc" (DeepSeek-V3): groups ranked by their two best biased scores
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"  # or "sigmoid" (with noaux_tc and e_score_correction_bias)
 
 
 @dataclass(frozen=True)
@@ -235,24 +243,29 @@ def _mla(cfg: ConfigReader) -> MLASpec | None:
     )
 
 
-def _router(cfg: ConfigReader, num_experts: int) -> RouterSpec:
-    scoring = cfg.get("scoring_func", default="softmax", kind=str)
-    if scoring != "softmax":
+def _router(cfg: ConfigReader, num_experts: int, model_type: str) -> RouterSpec:
+    v3 = model_type == "deepseek_v3"
+    scoring = cfg.get("scoring_func", default="sigmoid" if v3 else "softmax", kind=str)
+    if scoring not in ("softmax", "sigmoid"):
         raise CheckpointError(f"{cfg.file}: field 'scoring_func' = {scoring!r} is not supported "
-                              "(only softmax is)")
-    method = cfg.get("topk_method", default="greedy", kind=str)
+                              "(softmax and sigmoid are)")
+    method = cfg.get("topk_method", default="noaux_tc" if v3 else "greedy", kind=str)
     if method not in _TOPK_METHODS:
         raise CheckpointError(f"{cfg.file}: field 'topk_method' = {method!r} is not supported; "
                               f"supported: {', '.join(_TOPK_METHODS)}")
+    if (scoring, method) not in _ROUTERS:
+        raise CheckpointError(f"{cfg.file}: scoring_func {scoring!r} with topk_method "
+                              f"{method!r} is not supported; supported pairs: "
+                              f"{', '.join(f'{a}/{b}' for a, b in sorted(_ROUTERS))}")
     n_group, topk_group = 1, 1
-    if method == "group_limited_greedy":
+    if method in ("group_limited_greedy", "noaux_tc"):
         n_group, topk_group = cfg.positive("n_group"), cfg.positive("topk_group")
         if num_experts % n_group or topk_group > n_group:
             raise CheckpointError(
                 f"{cfg.file}: group-limited routing needs n_group ({n_group}) to divide the "
                 f"experts ({num_experts}) and topk_group ({topk_group}) <= n_group")
     scale = cfg.get("routed_scaling_factor", default=1.0, kind=(int, float))
-    return RouterSpec(method, n_group, topk_group, float(scale))
+    return RouterSpec(method, n_group, topk_group, float(scale), scoring)
 
 
 def _eos_ids(config: dict, generation: dict) -> tuple[int, ...]:
@@ -316,7 +329,10 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
     dtype = raw.get("torch_dtype", raw.get("dtype", "float32"))
     bias = cfg.get("attention_bias", "qkv_bias", default=model_type == "qwen2_moe", kind=bool)
     rope_theta, yarn = _rope(cfg, model_type in _YARN_MODEL_TYPES)
-    mla = _mla(cfg) if model_type == "deepseek_v2" else None
+    mla = _mla(cfg) if model_type in _MLA_MODEL_TYPES else None
+    if model_type == "deepseek_v3" and raw.get("rope_interleave", True) is False:
+        raise CheckpointError(f"{file}: field 'rope_interleave' = false is not supported (RoPE "
+                              "runs on adjacent pairs, DeepSeek's layout)")
     if mla is not None:  # the cache holds one latent per token (num_key_value_heads is unused)
         num_kv_heads, head_dim = 1, mla.latent_dim
     shared = cfg.get("shared_expert_intermediate_size", default=0) or \
@@ -336,7 +352,8 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         num_experts=num_experts,
         top_k=top_k,
         moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=cfg.get("norm_topk_prob", default=model_type == "mixtral", kind=bool),
+        norm_topk_prob=cfg.get("norm_topk_prob", default=model_type in ("mixtral", "deepseek_v3"),
+                               kind=bool),
         shared_expert_intermediate_size=shared,
         dense_intermediate_size=dense_intermediate,
         moe_layers=moe_layers,
@@ -348,5 +365,5 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         checkpoint_dtype=dtype if dtype in _DTYPE_BYTES else "float32",
         mla=mla,
         yarn=yarn,
-        router=_router(cfg, num_experts),
+        router=_router(cfg, num_experts, model_type),
     )

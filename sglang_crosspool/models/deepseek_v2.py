@@ -22,6 +22,13 @@ Routing: softmax scores in float32; `group_limited_greedy` keeps the experts of 
 groups with the best single score; weights are renormalized where norm_topk_prob is set (and
 top_k > 1), else multiplied by routed_scaling_factor, as DeepSeek's own code does (transformers
 ignores norm_topk_prob, which every published DeepSeek-V2 config sets to false).
+
+DeepSeek-V3 (model_type deepseek_v3, the same layers) routes as transformers' DeepseekV3 does,
+`noaux_tc`: sigmoid scores in float32; the per-layer e_score_correction_bias (kept in float32)
+is added for the choice only: groups are ranked by the sum of their two best biased scores, the
+topk_group best kept, top-k taken among their experts by biased score; the weights are the
+unbiased scores of those experts, renormalized where norm_topk_prob is set, then always
+multiplied by routed_scaling_factor.
 """
 
 from __future__ import annotations
@@ -117,9 +124,14 @@ class MLALayer:
     q_a_b: torch.Tensor | None = None  # biases, where attention_bias is set
     kv_a_b: torch.Tensor | None = None
     o_b: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None  # [E] float32: DeepSeek-V3's e_score_correction_bias
 
 
 class DeepseekV2Attention(AttentionHalf):
+    def __init__(self, spec: ModelSpec, files, device, dtype: torch.dtype):
+        self._files = files  # the router bias is read in float32, not in the model's dtype
+        super().__init__(spec, files, device, dtype)
+
     def _rotary(self):
         s = self.spec
         return PairRotary(s.mla.qk_rope_head_dim, s.rope_theta, s.yarn,
@@ -163,6 +175,10 @@ class DeepseekV2Attention(AttentionHalf):
             layer.o_b = load(p + "o_proj.bias", shape=(h,))
         if s.moe_layers[i]:
             layer.router = load(f"model.layers.{i}.mlp.gate.weight", shape=(s.num_experts, h))
+            if s.router.topk_method == "noaux_tc":
+                layer.router_bias = self._files.get(
+                    f"model.layers.{i}.mlp.gate.e_score_correction_bias",
+                    shape=(s.num_experts,)).to(device=self.device, dtype=torch.float32)
         return layer
 
     def attention_block(self, i: int, x: torch.Tensor, batch, attn) -> tuple:
@@ -195,12 +211,16 @@ class DeepseekV2Attention(AttentionHalf):
         if layer.router is None:
             return Routing(None, None)
         return Routing(*route_topk(F.linear(h.float(), layer.router.float()), self.spec,
-                                   h.dtype))
+                                   h.dtype, layer.router_bias))
 
 
-def route_topk(logits: torch.Tensor, spec: ModelSpec, dtype: torch.dtype):
-    """(top-k ids, weights) from router logits [T, E] (see the module docstring)."""
+def route_topk(logits: torch.Tensor, spec: ModelSpec, dtype: torch.dtype,
+               bias: torch.Tensor | None = None):
+    """(top-k ids, weights) from router logits [T, E] (see the module docstring); `bias` is
+    the e_score_correction_bias of noaux_tc routing."""
     rs, k = spec.router, spec.top_k
+    if rs.topk_method == "noaux_tc":
+        return _route_noaux_tc(logits, spec, dtype, bias)
     scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
     if rs.topk_method == "group_limited_greedy":
         groups = scores.view(scores.shape[0], rs.n_group, -1)
@@ -214,6 +234,24 @@ def route_topk(logits: torch.Tensor, spec: ModelSpec, dtype: torch.dtype):
     else:
         weights = weights * rs.routed_scaling_factor
     return ids, weights.to(dtype)
+
+
+def _route_noaux_tc(logits: torch.Tensor, spec: ModelSpec, dtype: torch.dtype,
+                    bias: torch.Tensor | None):
+    rs = spec.router
+    scores = torch.sigmoid(logits.float())
+    choice = scores if bias is None else scores + bias
+    groups = choice.view(choice.shape[0], rs.n_group, -1)
+    group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)
+    best = group_scores.topk(rs.topk_group, dim=-1).indices
+    keep = torch.zeros(groups.shape[:2], dtype=torch.bool, device=scores.device)
+    keep.scatter_(1, best, True)
+    choice = groups.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+    ids = choice.topk(spec.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if spec.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, (weights * rs.routed_scaling_factor).to(dtype)
 
 
 class DeepseekV2FFN(FFNHalf):

@@ -17,6 +17,7 @@ _MODULES = {
     "mixtral": "sglang_crosspool.models.mixtral",
     "olmoe": "sglang_crosspool.models.olmoe",
     "deepseek_v2": "sglang_crosspool.models.deepseek_v2",
+    "deepseek_v3": "sglang_crosspool.models.deepseek_v2",  # V2's layers, V3's router
 }
 
 
