@@ -51,6 +51,16 @@ class ZmqTransport:
         self.ctx.term()
 
 
+def use_device(device: str) -> None:
+    """Makes the worker's GPU the current one, as SGLang's per-GPU workers do: Triton kernels
+    and CUDA graphs launch on the current device, whatever device their tensors are on."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+
+
 def run_scheduler_process(engine_config, in_path: str, out_path: str, warmup: bool,
                           log_level: str, parent_pid: int) -> None:
     """The process's target. Never raises: failures are reported, then the process exits."""
@@ -64,6 +74,7 @@ def run_scheduler_process(engine_config, in_path: str, out_path: str, warmup: bo
     try:
         from sglang_crosspool.engine.core import EngineCore
 
+        use_device(engine_config.device)
         core = EngineCore(engine_config)
         loop = SchedulerLoop(core, transport)
         if warmup:
