@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs the project, its server, and the test clients with the exact
-# CPU versions of constraints-cpu.txt and requirements-server.txt. Sourced by scripts/test.sh
-# and scripts/quickstart.sh; a no-op when nothing changed since the last install.
+# CPU versions of constraints-cpu.txt and requirements-server.txt (and, in .venv/sglang-frontend,
+# those of requirements-frontend.txt). Sourced by scripts/test.sh and scripts/quickstart.sh; a
+# no-op when nothing changed since the last install.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -18,5 +19,14 @@ if [ ! -f "$stamp" ]; then
     "${pip[@]}" --no-deps "sglang==0.5.9"
     rm -f "$venv"/.installed-*
     touch "$stamp"
+fi
+# SGLang's current frontend, apart (its bench_serving needs torchvision): see the file's header.
+frontend="$venv/sglang-frontend"
+frontend_stamp="$frontend/.installed-$(sha1sum < "$root/requirements-frontend.txt" | cut -c1-12)"
+if [ ! -f "$frontend_stamp" ]; then
+    rm -rf "$frontend"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+        --target "$frontend" -r "$root/requirements-frontend.txt"
+    touch "$frontend_stamp"
 fi
 export PATH="$venv/bin:$PATH"

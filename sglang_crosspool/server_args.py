@@ -94,6 +94,7 @@ class ServerArgs:
     max_n: int = 128  # samples per prompt (`n`); OpenAI's own bound
     max_request_bytes: int = 32 << 20  # larger bodies get 413
     shutdown_timeout: float = 5.0  # seconds in-flight requests get on SIGTERM/SIGINT
+    stream_interval: int = 1  # output tokens per stream chunk, after the first
     default_model: str | None = None
     ipc_dir: str = ""  # a fresh folder per server: the ZeroMQ socket files live here
     launch_argv: tuple[str, ...] = field(default_factory=tuple)
@@ -179,7 +180,8 @@ class ServerArgs:
                             ("--max-queued-requests", a.max_queued_requests),
                             ("--ffn-servers", a.ffn_servers),
                             ("--pipeline-microbatches", a.pipeline_microbatches),
-                            ("--max-n", a.max_n), ("--max-request-bytes", a.max_request_bytes)):
+                            ("--max-n", a.max_n), ("--max-request-bytes", a.max_request_bytes),
+                            ("--stream-interval", a.stream_interval)):
             if value is not None and value < 1:
                 raise ServerArgsError(f"{flag}: must be >= 1, got {value}")
         if not a.shutdown_timeout >= 0:
@@ -223,7 +225,7 @@ class ServerArgs:
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
             skip_server_warmup=a.skip_server_warmup, max_n=a.max_n,
             max_request_bytes=a.max_request_bytes, shutdown_timeout=a.shutdown_timeout,
-            default_model=default, ipc_dir=ipc_dir,
+            stream_interval=a.stream_interval, default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
 
 
@@ -492,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM or SIGINT: how long requests in flight may finish before "
                         "they end with an error")
+    g.add_argument("--stream-interval", type=int, default=1, metavar="TOKENS",
+                   help="streams send the first token at once, then a chunk per TOKENS new "
+                        "tokens (and the last one); larger values send fewer chunks")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -6,13 +6,20 @@
     GET  /model_info, /get_model_info
     GET  /server_info, /get_server_info
     GET|POST /flush_cache     POST /abort_request       GET /metrics
+    POST /concate_and_append_request   refused with a 400 (see its handler)
 
 Each is also served under `/models/{name}/...`, where it concerns that one model, so that any
 SGLang client (which knows no model field) reaches one model by its base URL. The response
 shapes are those of SGLang's `sglang/api/v1/api_types.py`: `text`, `output_ids`, `meta_info`
 (`id`, `prompt_tokens`, `completion_tokens`, `cached_tokens`, `finish_reason`, `e2e_latency`,
-logprobs as `[logprob, token_id, text|null]`); streams send cumulative text and
-`completion_tokens` in every chunk, then `data: [DONE]`.
+logprobs as `[logprob, token_id, text|null]`, with the running `output_token_logprobs_length`).
+Streams send cumulative `text`, `output_ids` and `completion_tokens` in every chunk (one per
+`--stream-interval` tokens after the first), then `data: [DONE]`; with `return_logprob`, a
+chunk's `output_token_logprobs` and `output_top_logprobs` hold only the tokens new since the
+previous chunk (so `output_token_logprobs_length` equals `completion_tokens`): text as in
+SGLang's default streams, output logprobs as in its `--incremental-streaming-output` ones, the
+pairing its frontend reads (`text_async_iter(..., return_meta_data=True)`,
+test_stream_logprobs).
 """
 
 from __future__ import annotations
@@ -126,7 +133,10 @@ def top_entries(rows, state, model: str, with_text: bool) -> list:
             for row in rows]
 
 
-def result_dict(h: RequestHandle, state, text: str | None = None) -> dict:
+def result_dict(h: RequestHandle, state, text: str | None = None,
+                logprobs_from: tuple[int, int] = (0, 0)) -> dict:
+    """One response (or stream chunk); its output logprobs start at `logprobs_from` (token,
+    top), the entries a stream has already sent."""
     req = h.req
     meta = {
         "id": req.rid,
@@ -142,10 +152,13 @@ def result_dict(h: RequestHandle, state, text: str | None = None) -> dict:
         wt = h.return_text_in_logprobs
         meta["input_token_logprobs"] = logprob_entries(h.input_token_logprobs, state, req.model,
                                                        wt)
-        meta["output_token_logprobs"] = logprob_entries(h.output_token_logprobs, state,
-                                                        req.model, wt)
+        tok_from, top_from = logprobs_from
+        meta["output_token_logprobs"] = logprob_entries(h.output_token_logprobs[tok_from:],
+                                                        state, req.model, wt)
+        meta["output_token_logprobs_length"] = len(h.output_token_logprobs)
         meta["input_top_logprobs"] = top_entries(h.input_top_logprobs, state, req.model, wt)
-        meta["output_top_logprobs"] = top_entries(h.output_top_logprobs, state, req.model, wt)
+        meta["output_top_logprobs"] = top_entries(h.output_top_logprobs[top_from:], state,
+                                                  req.model, wt)
     return {"text": h.text if text is None else text, "output_ids": list(h.output_ids),
             "meta_info": meta}
 
@@ -185,6 +198,7 @@ async def _stream(handles: list[RequestHandle], single: bool, state):
     event = handles[0].event
     done = [False] * len(handles)
     last: list = [None] * len(handles)  # (completion_tokens, text) last sent per request
+    sent = [(0, 0)] * len(handles)  # output (token, top) logprob entries sent per request
     try:
         while not all(done):
             await event.wait()
@@ -196,7 +210,8 @@ async def _stream(handles: list[RequestHandle], single: bool, state):
                 key = (len(h.output_ids), text)
                 if key == last[i] and not h.finished:
                     continue
-                chunk = result_dict(h, state, text)
+                chunk = result_dict(h, state, text, sent[i])
+                sent[i] = (len(h.output_token_logprobs), len(h.output_top_logprobs))
                 if not single:
                     chunk["index"] = i
                 last[i], done[i] = key, h.finished
@@ -362,6 +377,22 @@ async def abort_request(request: Request):
     _check(isinstance(rid, str) and rid, "rid", "expected the id of a request")
     state.manager.abort(rid, body.get("message") or "aborted by /abort_request")
     return Response(status_code=200)
+
+
+@route("/concate_and_append_request", methods=("POST",))
+async def concate_and_append_request(request: Request):
+    """The frontend's `forks.join(mode="concate_and_append")` asks for a request whose KV is
+    its forks' KV concatenated, naming the forks by the frontend's stream ids, which no
+    /generate call ever sends: the server cannot tell which KV they mean, so it refuses. SGLang's
+    own server does not serve this path either.
+
+    NOTE: the frontend (0.5.23) raises this in its executor thread and then waits forever for
+    the next variable; the message shows in its "Error in stream_executor" warning."""
+    raise ApiError(400, "/concate_and_append_request is not supported: the server keeps no KV "
+                        "by frontend stream id, so forks cannot be joined by concatenating "
+                        "their KV cache. Join them with the default mode (forks.join()), or set "
+                        "sglang's global_config.enable_parallel_encoding = False so that the "
+                        "frontend concatenates the forks' text instead.")
 
 
 @route("/metrics")

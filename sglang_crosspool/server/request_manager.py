@@ -54,9 +54,10 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 @dataclass
 class RequestHandle:
     req: TokenizedRequest
-    event: asyncio.Event  # set on every change; may be shared by the requests of one call
+    event: asyncio.Event  # set on changes (see stream_interval); shared by one call's requests
     return_text_in_logprobs: bool = False
     log_metrics: bool = True  # False for health checks
+    stream_interval: int = 1  # signal `event` per this many new tokens (first and last at once)
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     finish_reason: dict | None = None
@@ -71,6 +72,7 @@ class RequestHandle:
     last_token_time: float | None = None
     finished_time: float | None = None
     done: asyncio.Future | None = None
+    signalled_tokens: int = 0  # output tokens when `event` was last set
 
     @property
     def rid(self) -> str:
@@ -97,7 +99,11 @@ class RequestHandle:
         if u.finish_reason is not None:
             self.finish_reason = u.finish_reason
             self.finished_time = time.monotonic()
-        self.event.set()
+        unsignalled = len(self.output_ids) - self.signalled_tokens
+        if (self.stream_interval == 1 or self.finished or unsignalled >= self.stream_interval
+                or (self.signalled_tokens == 0 and unsignalled)):
+            self.signalled_tokens = len(self.output_ids)
+            self.event.set()
         return len(u.new_ids)
 
     def visible_text(self) -> str:
@@ -160,7 +166,8 @@ class RequestManager:
         event = event or asyncio.Event()
         loop = asyncio.get_running_loop()
         handles = [RequestHandle(r, event, return_text_in_logprobs, log_metrics,
-                                 done=loop.create_future()) for r in reqs]
+                                 self.args.stream_interval, done=loop.create_future())
+                   for r in reqs]
         for h in handles:
             self.handles[h.rid] = h
         answer = loop.create_future()

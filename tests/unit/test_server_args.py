@@ -96,6 +96,7 @@ def test_yaml_config_lists_models_and_options(ckpts, tmp_path):
     (["--model-path", "/does/not/exist"], "not a checkpoint folder"),
     (["--max-running-requests", "0", "--model", "a=/x"], "--max-running-requests"),
     (["--kv-pages", "10", "--max-total-tokens", "10", "--model", "a=/x"], "give one"),
+    (["--stream-interval", "0", "--model", "a=/x"], "--stream-interval"),
 ])
 def test_errors_name_the_flag(argv, words, capsys, ckpts):
     argv = [x.replace("/x", ckpts["olmoe"]) for x in argv]
