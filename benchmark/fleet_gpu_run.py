@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmark import runner, server_proc  # noqa: E402
+from benchmark.trace import clamp  # noqa: E402
 from sglang_crosspool.testing.checkpoints import make_config_only  # noqa: E402
 
 CONFIGS = REPO / "tests" / "data" / "model-configs"  # a fleet's CONFIG may also be a path
@@ -103,13 +104,24 @@ def burst_trace(path: Path, names: list[str], per_model: int, prompt: int, outpu
     return path
 
 
-def mapped_trace(src: Path, dst: Path, names: list[str]) -> Path:
-    """A trace's model names m00, m01, ... (popularity rank) mapped onto the fleet, in order."""
+def mapped_trace(src: Path, dst: Path, paths: dict[str, Path]) -> Path:
+    """A trace's models mapped onto the fleet by popularity (the trace's most requested model
+    becomes the fleet's first name, and so on, round robin past the fleet's size), each
+    request's lengths clamped to its model's context (`trace.clamp`)."""
+    recs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    counts: dict[str, int] = {}
+    for rec in recs:
+        counts[rec["model"]] = counts.get(rec["model"], 0) + 1
+    ranked = sorted(counts, key=lambda m: (-counts[m], m))
+    names = list(paths)
+    target = {m: names[i % len(names)] for i, m in enumerate(ranked)}
+    limit = {name: int(json.loads((path / "config.json").read_text())
+                       ["max_position_embeddings"]) for name, path in paths.items()}
     lines = []
-    for line in src.read_text().splitlines():
-        rec = json.loads(line)
-        rank = int("".join(ch for ch in rec["model"] if ch.isdigit()) or 0)
-        rec["model"] = names[rank % len(names)]
+    for rec in recs:
+        rec["model"] = target[rec["model"]]
+        rec["prompt_len"], rec["output_len"] = clamp(rec["prompt_len"], rec["output_len"],
+                                                     limit[rec["model"]] - 1, None)
         lines.append(json.dumps(rec))
     dst.write_text("\n".join(lines) + "\n")
     return dst
@@ -136,8 +148,9 @@ def compare(report: dict, used: list[int], idle: list[int]) -> list[dict]:
     return rows
 
 
-def run_mode(mode: str, args, plan: Path, out: Path, names: list[str],
+def run_mode(mode: str, args, plan: Path, out: Path, paths: dict[str, Path],
              traces: list[Path]) -> dict:
+    names = list(paths)
     folder = out / mode
     folder.mkdir(parents=True, exist_ok=True)
     idle = gpu_used_bytes()
@@ -154,13 +167,14 @@ def run_mode(mode: str, args, plan: Path, out: Path, names: list[str],
         return result
     result["start_s"] = round(time.monotonic() - t0, 1)
     try:
-        burst = burst_trace(folder / "burst.jsonl", names, args.per_model, args.prompt,
-                            args.output)
-        summary = runner.run(server.url, burst, timeout=args.request_timeout)
-        result["burst"] = {"summary": summary["overall"], "by_model": summary["per_model"],
-                           "server_counters": summary["server_counters"]}
-        result["burst"]["errors"] = [r["error"] for r in summary.get("records", [])
-                                     if r.get("error")][:20]
+        if args.per_model > 0:
+            burst = burst_trace(folder / "burst.jsonl", names, args.per_model, args.prompt,
+                                args.output)
+            summary = runner.run(server.url, burst, timeout=args.request_timeout)
+            result["burst"] = {"summary": summary["overall"], "by_model": summary["per_model"],
+                               "server_counters": summary["server_counters"],
+                               "errors": [r["error"] for r in summary.get("records", [])
+                                          if r.get("error")][:20]}
         used = gpu_used_bytes()
         report = get_json(server.url + "/plan")
         result["plan_report"] = report
@@ -171,13 +185,21 @@ def run_mode(mode: str, args, plan: Path, out: Path, names: list[str],
         info = get_json(server.url + "/server_info")
         result["workers"] = info["internal_states"][0].get("workers")
         for trace in traces:
-            mapped = mapped_trace(trace, folder / trace.name, names)
-            replay = runner.run(server.url, mapped, time_scale=args.time_scale,
-                                slo_ttft=args.slo_ttft, slo_tbt=args.slo_tbt,
-                                timeout=args.request_timeout)
-            (folder / f"{trace.stem}.results.json").write_text(json.dumps(replay))
-            result.setdefault("traces", {})[trace.stem] = {
-                "summary": replay["overall"], "server_counters": replay["server_counters"]}
+            mapped = mapped_trace(trace, folder / trace.name, paths)
+            for load in (float(x) for x in args.loads.split(",")):
+                replay = runner.run(server.url, mapped, time_scale=1.0 / load,
+                                    slo_ttft=args.slo_ttft, slo_tbt=args.slo_tbt,
+                                    timeout=args.request_timeout)
+                replay["load"] = load
+                (folder / f"{trace.stem}-load{load:g}.results.json").write_text(
+                    json.dumps(replay))
+                result.setdefault("traces", {})[f"{trace.stem}@{load:g}"] = {
+                    "summary": replay["overall"], "server_counters": replay["server_counters"],
+                    "duration_s": replay["duration"]}
+                print(f"  {mode} {trace.stem} load {load:g}: " + json.dumps(
+                    {k: replay["overall"].get(k) for k in (
+                        "completed", "errors", "ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99",
+                        "preempted", "kv_pages_used_max", "longest_context")}), flush=True)
     except Exception as e:  # noqa: BLE001 - record it; the next mode still runs
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -197,12 +219,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-args", default="", help="more flags for the planner")
     p.add_argument("--server-args", default="--cuda-graph-max-bs-decode 16 "
                    "--max-running-requests 32 --chunked-prefill-size 2048")
-    p.add_argument("--per-model", type=int, default=4, help="burst: requests per model")
+    p.add_argument("--per-model", type=int, default=4,
+                   help="burst: requests per model (0: no burst)")
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--output", type=int, default=128)
     p.add_argument("--trace", type=Path, action="append", default=[],
                    help="replay this trace against each mode after the burst (repeat)")
-    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--loads", default="1",
+                   help="trace loads: each replay runs the trace at LOAD x its rate")
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-tbt", type=float, default=0.1)
     p.add_argument("--start-timeout", type=float, default=420)
@@ -222,10 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     totals = gpu_total_bytes()
     plan = make_plan(args.out, paths, len(totals), min(totals), args.mem_fraction, args.traffic,
                      args.plan_args.split())
-    names = list(paths)
     results = {}
     for mode in args.modes.split(","):
-        results[mode] = run_mode(mode, args, plan, args.out, names, args.trace)
+        results[mode] = run_mode(mode, args, plan, args.out, paths, args.trace)
         (args.out / mode / "result.json").write_text(json.dumps(results[mode], indent=1))
         brief = {k: results[mode].get(k) for k in ("start_s", "error", "exit_code")}
         print(mode, json.dumps(brief), flush=True)
