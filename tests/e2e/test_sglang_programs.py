@@ -121,9 +121,11 @@ def check(programs_run, url: str, name: str) -> None:
 
 
 def test_programs_run_on_the_current_frontend(programs_run):
-    first = programs_run[0].splitlines()[0]
-    version, path = first.split()[1:3]
-    assert version == FRONTEND_VERSION and Path(path).is_relative_to(FRONTEND), first
+    output = programs_run[0]
+    line = next((x for x in output.splitlines() if x.startswith("SGLANG ")), None)
+    assert line is not None, output[-3000:]
+    version, path = line.split()[1:3]
+    assert version == FRONTEND_VERSION and Path(path).is_relative_to(FRONTEND), line
 
 
 @pytest.mark.parametrize("name", PROGRAMS)
