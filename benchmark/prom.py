@@ -20,6 +20,7 @@ POOL_USED = "sglang_crosspool:kv_pool_pages_used"
 POOL_FREE = "sglang_crosspool:kv_pool_pages_free"
 POOL_TOTAL = "sglang_crosspool:kv_pool_pages_total"
 MODEL_PAGES = "sglang_crosspool:kv_pages_used"
+GPU_USED = "sglang_crosspool:gpu_kv_pages_used"
 RETRACTIONS = "sglang:num_retractions"
 GEN_TOKENS = "sglang:generation_tokens_total"
 PROMPT_TOKENS = "sglang:prompt_tokens_total"
@@ -53,6 +54,7 @@ def kv_sample(samples: dict, t: float) -> dict:
         "pool_free": by_label(samples, POOL_FREE, "pool"),
         "pool_total": by_label(samples, POOL_TOTAL, "pool"),
         "model_pages": by_label(samples, MODEL_PAGES, "model_name"),
+        "gpu_used": by_label(samples, GPU_USED, "gpu"),  # per attention worker's device
         "retractions": sum(by_label(samples, RETRACTIONS, "").values()),
     }
 
