@@ -19,3 +19,5 @@ timeout -k 10 "${LIMIT:-540}" python3 benchmark/fleet_gpu_run.py --out "$OUT/fle
   > "$OUT/fleet.log" 2>&1
 echo "fleet rc=$?"; tail -n 60 "$OUT/fleet.log"
 for f in "$OUT"/fleet/*/server.log; do echo "== $f"; tail -n 15 "$f"; done
+# One archive: the device tool brings back only a few files per call.
+tar -czf "$OUT/fleet.tgz" -C "$OUT" fleet && rm -rf "$OUT/fleet"

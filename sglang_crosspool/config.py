@@ -73,6 +73,9 @@ class EngineConfig:
     radix_cache: bool = True
     # ((model, pages), ...): a model's cached pages that other models' requests cannot evict.
     radix_cache_floor_pages: tuple[tuple[str, int], ...] = ()
+    # Two models' decode batches pipelined in one step and one CUDA graph (crosspool p2p):
+    # one's attention runs while the other's experts run; see engine/pair_graphs.py.
+    pipeline_models: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -122,6 +125,7 @@ class EngineConfig:
         grammar_jump_forward: bool = False,
         disable_radix_cache: bool = False,
         radix_cache_floor_pages: dict[str, int] | None = None,
+        pipeline_models: bool = False,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -174,7 +178,8 @@ class EngineConfig:
                    constrained_json_disable_any_whitespace=constrained_json_disable_any_whitespace,
                    grammar_jump_forward=grammar_jump_forward,
                    radix_cache=not disable_radix_cache,
-                   radix_cache_floor_pages=_floors(radix_cache_floor_pages, names))
+                   radix_cache_floor_pages=_floors(radix_cache_floor_pages, names),
+                   pipeline_models=pipeline_models)
 
 
 def _auto_transport(transport: str, pool_mode: str, device: str, ffn_device: str) -> str:

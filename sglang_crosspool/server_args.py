@@ -85,6 +85,7 @@ class ServerArgs:
     device_kv_pages: tuple[int, ...] = ()
     plan_device_index: tuple[int, ...] = ()
     pipeline_microbatches: int = 1
+    pipeline_models: bool = False
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
     kv_budget_bytes: int = 256 << 20
@@ -135,6 +136,7 @@ class ServerArgs:
             ffn_servers=self.ffn_servers, ffn_transport=self.ffn_transport,
             ffn_device=self.ffn_device,
             ffn_placement=self.ffn_placement, pipeline_microbatches=self.pipeline_microbatches,
+            pipeline_models=self.pipeline_models,
             disable_cuda_graph=self.disable_cuda_graph,
             disable_radix_cache=self.disable_radix_cache,
             cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
@@ -220,7 +222,8 @@ class ServerArgs:
             ffn_device=a.ffn_device, devices=_devices(a.devices),
             ffn_placement=plan, plan_path=a.plan, device_models=layout.models,
             device_kv_pages=layout.kv_pages, plan_device_index=layout.plan_index,
-            pipeline_microbatches=a.pipeline_microbatches, kv_pages=a.kv_pages,
+            pipeline_microbatches=a.pipeline_microbatches, pipeline_models=a.pipeline_models,
+            kv_pages=a.kv_pages,
             kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
             skip_server_warmup=a.skip_server_warmup, max_n=a.max_n,
@@ -555,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-microbatches", type=int, default=1,
                    help="micro-batches in flight per step in the layer-wise pipeline "
                         "(default: 1, no pipelining)")
+    g.add_argument("--pipeline-models", action="store_true",
+                   help="crosspool over p2p: each step pipelines two models' decode batches in "
+                        "one CUDA graph, one model's attention running while the other's "
+                        "experts run (a model's own batch is not split)")
     g.add_argument("--pool-mode", default=None, choices=POOL_MODES,
                    help="static: a fixed KV slice per model; monolithic: one elastic KV pool "
                         "shared by the models, FFNs next to attention; crosspool: FFN/expert "

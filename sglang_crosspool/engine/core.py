@@ -37,6 +37,7 @@ from sglang_crosspool.engine.grammar import (
     wait_any,
 )
 from sglang_crosspool.engine.model_runner import MicroBatch, ModelRunner, forward_pipelined
+from sglang_crosspool.engine.pair_graphs import PAIR_GRAPH_MAX_BS, PairGraphs
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampler import SamplingState, choose, token_logprobs
 from sglang_crosspool.engine.sampling_params import InvalidRequest
@@ -132,6 +133,7 @@ class EngineCore:
         """Captures each model's decode step per batch-size bucket (CUDA, FFN in process)."""
         cfg = self.config
         self.graphs: dict[str, DecodeGraphs] = {}
+        self.pair_graphs: dict[tuple[str, str], PairGraphs] = {}
         if not cfg.cuda_graph or self.device.type != "cuda":
             return
         if not self.ffn.supports_graphs:
@@ -139,7 +141,8 @@ class EngineCore:
                      cfg.ffn_transport)
             return
         # Two micro-batches in one graph pay only where the FFN runs elsewhere (p2p).
-        microbatches = 1 if isinstance(self.ffn, LocalFFNExecutor) else cfg.pipeline_microbatches
+        microbatches = 1 if isinstance(self.ffn, LocalFFNExecutor) or cfg.pipeline_models \
+            else cfg.pipeline_microbatches
         pool = torch.cuda.graph_pool_handle()
         buckets = [b for b in cfg.cuda_graph_bs or () if b <= cfg.max_running_requests] or \
             graph_buckets(min(cfg.cuda_graph_max_bs, cfg.max_running_requests))
@@ -157,6 +160,7 @@ class EngineCore:
                                                    microbatches=microbatches)
             log.info("%s: decode graphs for batch sizes %s", entry.name,
                      self.graphs[entry.name].stats()["buckets"])
+        self._init_pair_graphs()
 
     def _init_scheduler(self) -> None:
         cfg = self.config
@@ -275,6 +279,23 @@ class EngineCore:
 
     # -- the step -----------------------------------------------------------------------------
 
+    def _init_pair_graphs(self) -> None:
+        """With `pipeline_models` over p2p: a pair graph for every two models that have decode
+        graphs, in model order, on the buckets both have up to PAIR_GRAPH_MAX_BS
+        (engine/pair_graphs.py)."""
+        if not self.config.pipeline_models or isinstance(self.ffn, LocalFFNExecutor):
+            return
+        pool = torch.cuda.graph_pool_handle()
+        names = [n for n in self.config.model_names if n in self.graphs]
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                buckets = sorted(b for b in self.graphs[first].graphs
+                                 if b in self.graphs[second].graphs and b <= PAIR_GRAPH_MAX_BS)
+                self.pair_graphs[(first, second)] = PairGraphs(
+                    self.graphs[first], self.graphs[second], buckets, pool=pool)
+        if self.pair_graphs:
+            log.info("pair decode graphs for %d model pairs", len(self.pair_graphs))
+
     def step(self) -> list[RequestState]:
         """Runs one step; returns the requests that produced a token or finished.
 
@@ -303,7 +324,7 @@ class EngineCore:
         With `pipeline_microbatches` > 1 the step holds that many micro-batches - batches of
         distinct models, else one model's batch split - run in the layer-wise pipeline.
         """
-        depth = self.config.pipeline_microbatches
+        depth = 2 if self.config.pipeline_models else self.config.pipeline_microbatches
         batches = self.scheduler.schedule_many(depth)
         if not batches:
             # Only requests whose grammar compiles: wait a little for one, not a busy loop.
@@ -321,8 +342,12 @@ class EngineCore:
             lists.append(step)
             rows.append(batch_rows)
             plans.append(batch_plans)
+        pair = self._pair_for(batches, lists)
         try:
-            if len(batches) == 1 or graphed:
+            if pair is not None:
+                logits = self._forward_pair(pair, batches, lists, rows)
+                self.ffn.end_step()
+            elif len(batches) == 1 or graphed:
                 logits = []
                 for batch, step, batch_rows in zip(batches, lists, rows):
                     logits.append(self._forward_one(batch.model, step, batch_rows))
@@ -354,6 +379,23 @@ class EngineCore:
                     log.exception("request %s failed after the forward step", p.state.req.rid)
                     done.append(self._fail(p.state, f"sampling failed: {type(e).__name__}: {e}"))
         return done
+
+    def _pair_for(self, batches: list[Batch], lists: list[StepLists]) -> PairGraphs | None:
+        if len(batches) != 2 or not self.pair_graphs:
+            return None
+        a, b = batches[0].model, batches[1].model
+        pair = self.pair_graphs.get((a, b)) or self.pair_graphs.get((b, a))
+        if pair is None:
+            return None
+        first, second = (0, 1) if pair.names == (a, b) else (1, 0)
+        return pair if pair.fits(lists[first], lists[second]) else None
+
+    def _forward_pair(self, pair: PairGraphs, batches: list[Batch], lists: list[StepLists],
+                      rows: list[list[int]]) -> list[torch.Tensor]:
+        """Both batches' logits, in the order of `batches`, from one pair-graph step."""
+        i, j = (0, 1) if pair.names[0] == batches[0].model else (1, 0)
+        out = pair.run(lists[i], rows[i], lists[j], rows[j])
+        return [out[0], out[1]] if i == 0 else [out[1], out[0]]
 
     def _graph_for(self, batch: Batch) -> DecodeGraphs | None:
         graphs = self.graphs.get(batch.model)
@@ -559,6 +601,7 @@ class EngineCore:
             "unavailable": self.unavailable,
             "grammar": {**self.grammars.stats(), "waiting": len(self.grammar_waiting)},
             "cuda_graphs": {name: g.stats() for name, g in self.graphs.items()},
+            "pair_graphs": [p.stats() for p in self.pair_graphs.values()],
             "pipeline": dict(self.pipeline_totals, bubble_fraction=(
                 self.pipeline_totals["wait_s"] / self.pipeline_totals["wall_s"]
                 if self.pipeline_totals["wall_s"] else 0.0)),
