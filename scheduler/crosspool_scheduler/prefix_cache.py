@@ -54,6 +54,7 @@ class _Tree:
     root: Node = field(default_factory=lambda: Node(None, [], []))
     cached_blocks: int = 0
     evictable_blocks: int = 0
+    nodes: int = 0  # below the root (counted, not walked: stats are read every step)
 
 
 class PrefixCache:
@@ -79,7 +80,7 @@ class PrefixCache:
                 break
             k = _common(child.key, chunks, i)
             if k < len(child.key):  # the match ends inside this node
-                node = self._split(child, k)
+                node = self._split(tree, child, k)
                 break
             node, i = child, i + k
         return node, _path_blocks(node)
@@ -115,13 +116,14 @@ class PrefixCache:
             if child is None:
                 child = Node(node, chunks[i:], blocks[i:])
                 node.children[chunks[i]] = child
+                tree.nodes += 1
                 self.kv.retain(req.model, child.blocks)
                 tree.cached_blocks += len(child.blocks)
                 tree.evictable_blocks += len(child.blocks)
                 node = child
                 break
             k = _common(child.key, chunks, i)
-            node = child if k == len(child.key) else self._split(child, k)
+            node = child if k == len(child.key) else self._split(tree, child, k)
             i += k
         self._lock(tree, node)
         if req.cache_node is not None:
@@ -172,7 +174,7 @@ class PrefixCache:
             if blocks:
                 self.kv.free_blocks(tree.model, blocks)
             tree.root = Node(None, [], [])
-            tree.cached_blocks = tree.evictable_blocks = 0
+            tree.cached_blocks = tree.evictable_blocks = tree.nodes = 0
 
     def _evict(self, models: list[str], for_model: str, done) -> None:
         heap = []
@@ -201,6 +203,7 @@ class PrefixCache:
             if not node.blocks:
                 parent = node.parent
                 del parent.children[first]
+                tree.nodes -= 1
                 if _evictable_leaf(parent):
                     heapq.heappush(heap, (parent.last_use, next(tie), m, parent))
 
@@ -215,7 +218,7 @@ class PrefixCache:
             "evicted_blocks": self.evicted_blocks,
             "models": {m: {"cached_blocks": t.cached_blocks,
                            "evictable_blocks": t.evictable_blocks,
-                           "nodes": sum(1 for _ in _nodes(t.root)) - 1}
+                           "nodes": t.nodes}
                        for m, t in self.trees.items()},
         }
 
@@ -227,7 +230,7 @@ class PrefixCache:
         tokens = req.tokens(start, end)
         return [tuple(tokens[i: i + t]) for i in range(0, len(tokens), t)]
 
-    def _split(self, node: Node, k: int) -> Node:
+    def _split(self, tree: _Tree, node: Node, k: int) -> Node:
         """Cuts `node` after k blocks; the new upper node takes its place. The lower part keeps
         the node's identity (a request's lock on it still covers all it did)."""
         upper = Node(node.parent, node.key[:k], node.blocks[:k], lock=node.lock,
@@ -236,6 +239,7 @@ class PrefixCache:
         node.key, node.blocks = node.key[k:], node.blocks[k:]
         node.parent = upper
         upper.children[node.key[0]] = node
+        tree.nodes += 1
         return upper
 
     def _touch(self, node: Node) -> None:

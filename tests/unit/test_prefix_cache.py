@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from crosspool_scheduler import GlobalScheduler, PrefixCache, SchedReq, SchedulerLimits
+from crosspool_scheduler.prefix_cache import _nodes
 
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.page_backend import SimulatedPageBackend
@@ -40,6 +41,11 @@ def run(sched: GlobalScheduler, reqs: list[SchedReq]) -> list:
                 if not seq.req.wants_more_tokens:
                     sched.finish(seq.req)
     raise AssertionError("did not drain")
+
+
+def check_node_counts(cache: PrefixCache) -> None:
+    for m, tree in cache.trees.items():
+        assert cache.stats()["models"][m]["nodes"] == sum(1 for _ in _nodes(tree.root)) - 1
 
 
 def req(rid, tokens, model="a", new=1):
@@ -121,6 +127,7 @@ def test_split_nodes_serve_both_branches():
     run(sched, [both])
     assert both.cached_tokens == 20
     assert cache.stats()["models"]["a"]["nodes"] == 3  # the shared stem, then one per branch
+    check_node_counts(cache)
 
 
 def test_eviction_takes_lru_unused_blocks_of_any_model_before_retracting():
@@ -132,6 +139,7 @@ def test_eviction_takes_lru_unused_blocks_of_any_model_before_retracting():
     run(sched, [req("n1", range(200, 211), "a", new=2), req("n2", range(300, 311), "b", new=2)])
     assert sched.num_retractions == 0
     assert cache.evicted_blocks == 6
+    check_node_counts(cache)
     assert pool.stats(cache.blocks())["used_pages"] == 0
 
 
@@ -182,3 +190,4 @@ def test_retracted_requests_free_their_pages_and_keep_the_cache_consistent():
     assert pool.used_pages == 2 * held
     assert pool.stats(cache.blocks())["used_pages"] == 0
     assert all(len(r.output_ids) == 8 for r in reqs)
+    check_node_counts(cache)
