@@ -167,9 +167,18 @@ class ServerArgs:
     @classmethod
     def from_namespace(cls, a: argparse.Namespace, *, make_demo: bool = True,
                        argv: list[str] | None = None) -> ServerArgs:
+        if not a.plan and len(_devices(a.devices)) > 1 and \
+                all(d.startswith("cuda") for d in _devices(a.devices)):
+            a.pool_mode = a.pool_mode or "monolithic"
+            a.plan = _startup_plan(a, make_demo)
         plan, layout = _apply_plan(a) if a.plan else (None, PlanLayout())
         a.pool_mode = a.pool_mode or "monolithic"
         models, demo = _resolve_models(a, make_demo)
+        placed = {name for names in layout.models for name in names}
+        unplaced = [m.name for m in models if layout.models and m.name not in placed]
+        if unplaced:
+            raise ServerArgsError(f"--plan: its {a.pool_mode} mode does not place model(s) "
+                                  f"{', '.join(unplaced)}; plan them, or serve fewer models")
         dtype = _DTYPE_ALIASES.get(a.dtype, a.dtype)
         for flag, value, low in (("--port", a.port, 0), ("--max-running-requests",
                                  a.max_running_requests, 1), ("--chunked-prefill-size",
@@ -280,6 +289,36 @@ def _apply_plan(a: argparse.Namespace) -> tuple[tuple | None, PlanLayout]:
     table = mode.placement.table()
     return tuple((name, tuple(tuple(e) for e in shares)) for name, shares in table.items()), \
         layout
+
+
+def _startup_plan(a: argparse.Namespace, make_demo: bool) -> str:
+    """The plan a multi-GPU launch without --plan makes of its --model flags and the GPUs of
+    --devices (their memory, --mem-fraction-static or the planner's default, the KV page
+    size), written next to the server's other files; returns its path."""
+    import torch
+
+    from sglang_crosspool.planner import PlanError, build_plan, to_json
+    from sglang_crosspool.planner.plan import DEFAULT_MEM_FRACTION
+    from sglang_crosspool.planner.plan import DEFAULT_PAGE_BYTES as PLAN_PAGE_BYTES
+
+    models, _ = _resolve_models(a, make_demo)
+    devices = _devices(a.devices)
+    memory = min(torch.cuda.get_device_properties(torch.device(d)).total_memory
+                 for d in devices)
+    dtype = _DTYPE_ALIASES.get(a.dtype, a.dtype)
+    try:
+        plan = build_plan([m.path for m in models], len(devices), memory,
+                          dtype="bfloat16" if dtype == "auto" else dtype,
+                          mem_fraction_static=a.mem_fraction_static or DEFAULT_MEM_FRACTION,
+                          page_bytes=a.kv_page_bytes or PLAN_PAGE_BYTES,
+                          served_names=[m.name for m in models])
+    except PlanError as e:
+        raise ServerArgsError(f"--devices: planning the models over {len(devices)} GPUs: "
+                              f"{e}") from None
+    path = Path(tempfile.gettempdir()) / f"sglang_crosspool-plan-{os.getpid()}-" \
+        f"{uuid.uuid4().hex[:8]}.json"
+    path.write_text(to_json(plan))
+    return str(path)
 
 
 def _plan_layout(a: argparse.Namespace, plan, mode) -> PlanLayout:
@@ -576,9 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer; auto (default): p2p when --ffn-device is another GPU, else "
                         "local)")
     g.add_argument("--devices", default=None, metavar="DEV,DEV,...",
-                   help="one attention worker process per device, models placed over them by "
-                        "size (e.g. cuda:0,cuda:1; cpu,cpu stands in for two devices on CPU); "
-                        "each has its own KV pool. Default: one worker on --device")
+                   help="one attention worker process per device, each with its own KV pool "
+                        "(e.g. cuda:0,cuda:1): GPUs are laid out by a plan made at start-up "
+                        "from the models' config.json and the GPUs' memory, as --plan would "
+                        "(crosspool: KV-pool and weights-pool GPUs); cpu,cpu,... stand in for "
+                        "devices on CPU, models placed by size. Default: one worker on --device")
     g.add_argument("--ffn-device", default=None, metavar="DEVICE",
                    help="crosspool: the device of the FFN servers, e.g. cuda:1 with attention "
                         "on cuda:0 (default: --device)")

@@ -67,3 +67,51 @@ def test_plan_errors_name_the_flag(tmp_path):
     a = build_parser().parse_args(["--plan", str(bad)])
     with pytest.raises(ServerArgsError, match="--plan"):
         ServerArgs.from_namespace(a)
+
+
+class _FakeGPU:
+    total_memory = 64 << 20
+
+
+@pytest.mark.parametrize("mode", ["monolithic", "crosspool"])
+def test_gpus_without_a_plan_get_one_made_at_start_up(tiny_models, monkeypatch, mode):
+    """--devices cuda:0,cuda:1 without --plan: the planner lays the GPUs out (here two
+    stand-in GPUs of 64 MB), exactly as the same plan given with --plan would."""
+    import torch
+
+    from sglang_crosspool.planner import load_plan
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _FakeGPU())
+    flags = ["--model", f"a={tiny_models['qwen2_moe']}", "--model", f"b={tiny_models['olmoe']}",
+             "--devices", "cuda:0,cuda:1", "--pool-mode", mode, "--kv-page-bytes", "4096"]
+    args = ServerArgs.from_cli(flags)
+    plan = load_plan(args.plan_path).mode(mode)
+    assert plan.served == ("a", "b")
+    if mode == "crosspool":  # one KV-pool GPU for both models, the experts on the other
+        assert args.devices == ("cuda:0",) and args.ffn_device == "cuda:1"
+        assert args.device_models == (("a", "b"),)
+        assert args.ffn_placement is not None
+    else:  # each model whole on one GPU, each GPU its own pool
+        assert args.devices == ("cuda:0", "cuda:1")
+        assert sorted(m for names in args.device_models for m in names) == ["a", "b"]
+        assert args.device_kv_pages == tuple(int(d.kv_pages) for d in plan.devices)
+
+
+def test_models_a_plan_leaves_out_are_refused(tiny_models, tmp_path):
+    out = tmp_path / "plan.json"
+    subprocess.run([sys.executable, "-m", "sglang_crosspool.plan", "--model-path",
+                    tiny_models["qwen2_moe"], "--served-model-name", "a", "--devices", "2",
+                    "--device-memory", "64MB", "--kv-page-bytes", "4096", "--out", str(out)],
+                   check=True, capture_output=True)
+    with pytest.raises(SystemExit):
+        ServerArgs.from_cli(["--plan", str(out), "--pool-mode", "monolithic", "--devices",
+                             "cpu,cpu", "--model", f"a={tiny_models['qwen2_moe']}",
+                             "--model", f"b={tiny_models['olmoe']}"])
+    from sglang_crosspool.server_args import build_parser
+
+    a = build_parser().parse_args(["--plan", str(out), "--pool-mode", "monolithic",
+                                   "--devices", "cpu,cpu",
+                                   "--model", f"a={tiny_models['qwen2_moe']}",
+                                   "--model", f"b={tiny_models['olmoe']}"])
+    with pytest.raises(ServerArgsError, match="does not place model.*b"):
+        ServerArgs.from_namespace(a)
