@@ -106,8 +106,9 @@ def burst_trace(path: Path, names: list[str], per_model: int, prompt: int, outpu
 
 def mapped_trace(src: Path, dst: Path, paths: dict[str, Path]) -> Path:
     """A trace's models mapped onto the fleet by popularity (the trace's most requested model
-    becomes the fleet's first name, and so on, round robin past the fleet's size), each
-    request's lengths clamped to its model's context (`trace.clamp`)."""
+    becomes the fleet's first name, and so on, round robin past the fleet's size; a trace
+    that names only fleet models keeps them), each request's lengths clamped to its model's
+    context (`trace.clamp`)."""
     recs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     counts: dict[str, int] = {}
     for rec in recs:
@@ -115,6 +116,8 @@ def mapped_trace(src: Path, dst: Path, paths: dict[str, Path]) -> Path:
     ranked = sorted(counts, key=lambda m: (-counts[m], m))
     names = list(paths)
     target = {m: names[i % len(names)] for i, m in enumerate(ranked)}
+    if all(m in paths for m in counts):  # a trace written for this fleet keeps its names
+        target = {m: m for m in counts}
     limit = {name: int(json.loads((path / "config.json").read_text())
                        ["max_position_embeddings"]) for name, path in paths.items()}
     lines = []
