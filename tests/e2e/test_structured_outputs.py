@@ -161,9 +161,17 @@ def constrained(s, schema: str):
     s += "Pick: " + sgl.select("pick", choices=["red", "blue"])
 
 
+@pytest.fixture(scope="module")
+def frontend_server(model_paths, launch_module_server):
+    """A server of its own: `weather` is sampled from the engine's one generator, so on the
+    session server whether the JSON closes within the context depended on every sampled
+    request that any earlier test had sent."""
+    return launch_module_server(model_paths)
+
+
 @pytest.mark.parametrize("model", MODELS)
-def test_sglang_frontend_constraints(server, model):
-    backend = sgl.RuntimeEndpoint(f"{server.url}/models/{model}")
+def test_sglang_frontend_constraints(frontend_server, model):
+    backend = sgl.RuntimeEndpoint(f"{frontend_server.url}/models/{model}")
     state = constrained.run(schema=json.dumps(SCHEMA), backend=backend)
     assert re.fullmatch(IP, state["ip"]), state["ip"]
     int(state["hours"])
