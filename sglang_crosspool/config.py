@@ -2,10 +2,18 @@
 
 Derived values (context length per model, KV budget in pages, KV page reserve) are computed
 here, in `build`, and nowhere else.
+
+The served model set can change while a server runs (`POST /load_model`, `/unload_model`):
+the config stays frozen, and each change makes a new one (`with_model`, `without_model`) that
+replaces the old wherever it is held (the engine core, the HTTP side). Everything else in it
+(the KV budget, the page reserve, the FFN transport and its buffer sizes, the attention
+backend) stays as start-up derived it; `engine/live_models.py` refuses a model these cannot
+serve.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +99,28 @@ class EngineConfig:
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
 
+    def with_model(self, entry: ModelEntry, shares=None) -> EngineConfig:
+        """This config serving one more model; `shares`: its experts per FFN server, where the
+        config carries a placement."""
+        if entry.name in self.model_names:
+            raise ValueError(f"served_model_name: {entry.name!r} is already served")
+        placement = self.ffn_placement
+        if placement is not None:
+            placement = placement + ((entry.name, tuple(tuple(s) for s in shares)),)
+        return dataclasses.replace(self, models=self.models + (entry,),
+                                   ffn_placement=placement)
+
+    def without_model(self, name: str) -> EngineConfig:
+        self.model(name)  # KeyError if not served
+        placement = self.ffn_placement
+        if placement is not None:
+            placement = tuple(p for p in placement if p[0] != name)
+        return dataclasses.replace(
+            self, models=tuple(m for m in self.models if m.name != name),
+            ffn_placement=placement,
+            radix_cache_floor_pages=tuple(f for f in self.radix_cache_floor_pages
+                                          if f[0] != name))
+
     @classmethod
     def build(
         cls,
@@ -131,11 +161,7 @@ class EngineConfig:
         if not paths:
             raise ValueError("model_path: give at least one checkpoint directory")
         names = _served_names(paths, served_model_name)
-        entries = []
-        for name, path in zip(names, paths):
-            spec, _ = resolve(path)
-            ctx = min(context_length or spec.max_position_embeddings, spec.max_position_embeddings)
-            entries.append(ModelEntry(name, str(path), spec, ctx))
+        entries = [model_entry(path, name, context_length) for name, path in zip(names, paths)]
         if dtype == "auto":
             dtype = "float32" if device == "cpu" else "bfloat16"
         if dtype not in DTYPES:
@@ -180,6 +206,13 @@ class EngineConfig:
                    radix_cache=not disable_radix_cache,
                    radix_cache_floor_pages=_floors(radix_cache_floor_pages, names),
                    pipeline_models=pipeline_models)
+
+
+def model_entry(path, name: str, context_length: int | None = None) -> ModelEntry:
+    """One served model from its checkpoint's config.json (weights are not read)."""
+    spec, _ = resolve(path)
+    ctx = min(context_length or spec.max_position_embeddings, spec.max_position_embeddings)
+    return ModelEntry(name, str(path), spec, ctx)
 
 
 def _auto_transport(transport: str, pool_mode: str, device: str, ffn_device: str) -> str:

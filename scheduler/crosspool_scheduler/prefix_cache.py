@@ -170,11 +170,31 @@ class PrefixCache:
             if tree.evictable_blocks != tree.cached_blocks:
                 raise RuntimeError(f"model {tree.model}: flush while requests use the cache")
         for tree in self.trees.values():
-            blocks = [b for node in _nodes(tree.root) for b in node.blocks]
-            if blocks:
-                self.kv.free_blocks(tree.model, blocks)
-            tree.root = Node(None, [], [])
-            tree.cached_blocks = tree.evictable_blocks = tree.nodes = 0
+            self._empty(tree)
+
+    # -- the model set -------------------------------------------------------------------------
+
+    def add_model(self, model: str) -> None:
+        self.trees[model] = _Tree(model, self.kv.block_tokens(model))
+
+    def drop_model(self, model: str) -> int:
+        """Frees a model's whole cache and forgets the model (no request may use it); returns
+        the blocks freed."""
+        tree = self.trees[model]
+        if tree.evictable_blocks != tree.cached_blocks:
+            raise RuntimeError(f"model {model}: dropped while requests use its cache")
+        freed = self._empty(tree)
+        del self.trees[model]
+        self.floor_pages.pop(model, None)
+        return freed
+
+    def _empty(self, tree: _Tree) -> int:
+        blocks = [b for node in _nodes(tree.root) for b in node.blocks]
+        if blocks:
+            self.kv.free_blocks(tree.model, blocks)
+        tree.root = Node(None, [], [])
+        tree.cached_blocks = tree.evictable_blocks = tree.nodes = 0
+        return len(blocks)
 
     def _evict(self, models: list[str], for_model: str, done) -> None:
         heap = []

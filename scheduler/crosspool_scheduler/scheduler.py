@@ -78,6 +78,28 @@ class GlobalScheduler:
         self._arrivals = 0
         self.num_retractions = 0
 
+    # -- the model set (models loaded and unloaded while serving) ---------------------------
+
+    def add_model(self, model: str) -> None:
+        """Serves one more model (its KV ranges must already be in the allocator)."""
+        if model in self.queues:
+            raise ValueError(f"model {model!r} is already scheduled")
+        self.models.append(model)
+        self.queues[model] = _ModelQueue()
+        if self.cache is not None:
+            self.cache.add_model(model)
+
+    def remove_model(self, model: str) -> int:
+        """Stops serving a model that has no request left; frees its cached blocks. Returns
+        how many blocks the cache let go."""
+        queue = self.queues[model]
+        if queue.waiting or queue.running:
+            raise ValueError(f"model {model!r} still has requests")
+        freed = self.cache.drop_model(model) if self.cache is not None else 0
+        del self.queues[model]
+        self.models.remove(model)
+        return freed
+
     # -- requests in and out ----------------------------------------------------------------
 
     def add(self, req: SchedReq) -> None:

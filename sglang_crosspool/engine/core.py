@@ -4,6 +4,10 @@
 
 The core is synchronous and owns no sockets: the in-process `Engine` drives it in a loop, and
 the server runs the same core in its own process behind ZeroMQ.
+
+The served models can change between two steps: `attach_model` adds one whose parts were
+loaded off the step, `detach_model` frees one that has no request left (`live_models.py`
+drives both); start-up builds each model with the same per-model `_add_*` helpers.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ log = logging.getLogger("sglang_crosspool.engine")
 class UnknownModel(InvalidRequest):
     """The request names a model this engine does not serve."""
 
+    status = 404
+
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot take requests (an FFN server died); servers answer 503."""
@@ -85,6 +91,7 @@ class EngineCore:
         self._init_graphs()
         self._init_scheduler()
         self._init_grammars()
+        self._init_live_models()
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -92,10 +99,8 @@ class EngineCore:
         self.attention = {}
         self.tokenizers = {}
         for entry in self.config.models:
-            arch = get_architecture(entry.spec.model_type)
-            files = open_checkpoint(entry.path, self.config.load_format, self.device)
-            dtype = self.config.torch_dtype
-            self.attention[entry.name] = arch.attention_cls(entry.spec, files, self.device, dtype)
+            self.attention[entry.name] = load_attention(entry, self.config.load_format,
+                                                        self.device, self.config.torch_dtype)
             self.tokenizers[entry.name] = load_tokenizer(entry.path)
         self.ffn = ffn or make_ffn_executor(self.config)
         self.unavailable: str | None = None
@@ -107,11 +112,7 @@ class EngineCore:
         self.kv_pool = KVPool(backend, pages, reserve_pages=cfg.kv_reserve_pages)
         self.device_memory = DeviceMemory(cfg.device, self.kv_pool)
         for entry in cfg.models:
-            s = entry.spec
-            self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
-                                   cfg.torch_dtype,
-                                   max_tokens=entry.context_length * cfg.max_running_requests,
-                                   latent=s.kv_latent)
+            self._add_kv(entry)
         if cfg.pool_mode == "static":
             # Each model gets a fixed, equal slice of the budget that others cannot use.
             share = pages // len(cfg.models)
@@ -119,48 +120,65 @@ class EngineCore:
                 self.kv_pool.set_quota(entry.name, share)
 
     def _init_runners(self) -> None:
-        backend_cls = get_attention_backend(self.config.attention_backend)
         self.runners = {}
         for entry in self.config.models:
-            s = entry.spec
-            backend = backend_cls(s.num_heads, s.num_kv_heads, s.head_dim,
-                                  self.config.torch_dtype)
-            self.runners[entry.name] = ModelRunner(
-                entry.name, self.attention[entry.name], self.kv_pool.models[entry.name],
-                backend, self.ffn)
+            self._add_runner(entry)
 
     def _init_graphs(self) -> None:
         """Captures each model's decode step per batch-size bucket (CUDA, FFN in process)."""
         cfg = self.config
         self.graphs: dict[str, DecodeGraphs] = {}
         self.pair_graphs: dict[tuple[str, str], PairGraphs] = {}
+        self._graph_pool = None
         if not cfg.cuda_graph or self.device.type != "cuda":
             return
         if not self.ffn.supports_graphs:
             log.info("FFN transport %s cannot be captured: decode steps run eagerly",
                      cfg.ffn_transport)
             return
+        self._graph_pool = torch.cuda.graph_pool_handle()
+        for entry in cfg.models:
+            self._add_graphs(entry)
+        self._init_pair_graphs()
+
+    # -- one model's parts (start-up, and models loaded while serving) ----------------------
+
+    def _add_kv(self, entry) -> None:
+        s, cfg = entry.spec, self.config
+        self.kv_pool.add_model(entry.name, s.num_layers, s.num_kv_heads, s.head_dim,
+                               cfg.torch_dtype,
+                               max_tokens=entry.context_length * cfg.max_running_requests,
+                               latent=s.kv_latent)
+
+    def _add_runner(self, entry) -> None:
+        s = entry.spec
+        backend = get_attention_backend(self.config.attention_backend)(
+            s.num_heads, s.num_kv_heads, s.head_dim, self.config.torch_dtype)
+        self.runners[entry.name] = ModelRunner(
+            entry.name, self.attention[entry.name], self.kv_pool.models[entry.name],
+            backend, self.ffn)
+
+    def _add_graphs(self, entry) -> None:
+        if self._graph_pool is None:  # no graphs on this engine
+            return
+        cfg = self.config
+        runner = self.runners[entry.name]
+        if not runner.backend.supports_graphs:
+            log.info("%s: attention backend %s has no CUDA-graph support; decode is eager",
+                     entry.name, cfg.attention_backend)
+            return
         # Two micro-batches in one graph pay only where the FFN runs elsewhere (p2p).
         microbatches = 1 if isinstance(self.ffn, LocalFFNExecutor) or cfg.pipeline_models \
             else cfg.pipeline_microbatches
-        pool = torch.cuda.graph_pool_handle()
         buckets = [b for b in cfg.cuda_graph_bs or () if b <= cfg.max_running_requests] or \
             graph_buckets(min(cfg.cuda_graph_max_bs, cfg.max_running_requests))
-        budget = cfg.cuda_graph_memory_bytes
-        for entry in cfg.models:
-            runner = self.runners[entry.name]
-            if not runner.backend.supports_graphs:
-                log.info("%s: attention backend %s has no CUDA-graph support; decode is eager",
-                         entry.name, cfg.attention_backend)
-                continue
-            max_blocks = -(-entry.context_length // self.kv_pool.block_tokens(entry.name))
-            spent = sum(g.memory_bytes for g in self.graphs.values())
-            self.graphs[entry.name] = DecodeGraphs(runner, self.kv_pool, buckets, max_blocks,
-                                                   pool=pool, memory_budget=budget - spent,
-                                                   microbatches=microbatches)
-            log.info("%s: decode graphs for batch sizes %s", entry.name,
-                     self.graphs[entry.name].stats()["buckets"])
-        self._init_pair_graphs()
+        max_blocks = -(-entry.context_length // self.kv_pool.block_tokens(entry.name))
+        spent = sum(g.memory_bytes for g in self.graphs.values())
+        self.graphs[entry.name] = DecodeGraphs(
+            runner, self.kv_pool, buckets, max_blocks, pool=self._graph_pool,
+            memory_budget=cfg.cuda_graph_memory_bytes - spent, microbatches=microbatches)
+        log.info("%s: decode graphs for batch sizes %s", entry.name,
+                 self.graphs[entry.name].stats()["buckets"])
 
     def _init_scheduler(self) -> None:
         cfg = self.config
@@ -177,6 +195,11 @@ class EngineCore:
         self.pipeline_totals = {"steps": 0, "wall_s": 0.0, "wait_s": 0.0}
         self.eos_ids = {m.name: frozenset(m.spec.eos_token_ids) for m in self.config.models}
 
+    def _init_live_models(self) -> None:
+        from sglang_crosspool.engine.live_models import LiveModels
+
+        self.live = LiveModels(self)
+
     def _init_grammars(self) -> None:
         cfg = self.config
         models = cfg.models
@@ -190,7 +213,7 @@ class EngineCore:
     # -- requests -----------------------------------------------------------------------------
 
     def check_model(self, name: str) -> None:
-        if name not in self.attention:
+        if name not in self.attention or name in self.live.draining:
             raise UnknownModel(
                 f"model {name!r} is not served; served models: "
                 f"{', '.join(self.config.model_names)}")
@@ -584,6 +607,44 @@ class EngineCore:
             return []
         return self._fail_all(f"the weights pool failed: {failure}")
 
+    # -- the model set ------------------------------------------------------------------------
+
+    def attach_model(self, entry, attention, tokenizer, shares) -> None:
+        """Serves a model whose attention half, tokenizer and FFN are loaded (the FFN made
+        routable by the caller): its KV ranges, runner, graphs and queue are made here.
+        `shares`: its experts per FFN server (kept in the config where it has a placement)."""
+        name = entry.name
+        self.config = self.config.with_model(entry, shares)
+        self.attention[name] = attention
+        self.tokenizers[name] = tokenizer
+        self.eos_ids[name] = frozenset(entry.spec.eos_token_ids)
+        self.grammars.add_model(name, entry.spec.vocab_size, entry.spec.eos_token_ids)
+        self._add_kv(entry)
+        self._add_runner(entry)
+        self._add_graphs(entry)
+        self.scheduler.add_model(name)
+
+    def detach_model(self, name: str) -> dict:
+        """Frees a model that no request uses any more: its queue and prefix cache, KV ranges,
+        graphs, runner, attention half and FFN. Returns what was freed."""
+        cached = self.scheduler.remove_model(name)
+        graphs = self.graphs.pop(name, None)
+        graph_bytes = graphs.memory_bytes if graphs is not None else 0
+        del graphs
+        self.runners.pop(name)
+        attention_bytes = self.attention.pop(name).nbytes()
+        ffn_bytes = self.ffn.unload_model(name)
+        virtual_pages = self.kv_pool.remove_model(name)
+        self.tokenizers.pop(name, None)
+        self.eos_ids.pop(name, None)
+        self.grammars.remove_model(name)
+        self.config = self.config.without_model(name)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # back to the device, where the next model can have it
+        return {"attention_bytes": attention_bytes, "ffn_bytes": ffn_bytes,
+                "graph_bytes": graph_bytes, "kv_virtual_pages": virtual_pages,
+                "prefix_cache_blocks": cached}
+
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> dict:
@@ -602,6 +663,7 @@ class EngineCore:
             "grammar": {**self.grammars.stats(), "waiting": len(self.grammar_waiting)},
             "cuda_graphs": {name: g.stats() for name, g in self.graphs.items()},
             "pair_graphs": [p.stats() for p in self.pair_graphs.values()],
+            "live_models": self.live.stats(),
             "pipeline": dict(self.pipeline_totals, bubble_fraction=(
                 self.pipeline_totals["wait_s"] / self.pipeline_totals["wall_s"]
                 if self.pipeline_totals["wall_s"] else 0.0)),
@@ -610,6 +672,13 @@ class EngineCore:
     def shutdown(self) -> None:
         self.grammars.close()
         self.ffn.close()
+
+
+def load_attention(entry, load_format: str, device: torch.device, dtype: torch.dtype):
+    """A model's attention half (attention, norms, router, embeddings, lm_head) on `device`."""
+    arch = get_architecture(entry.spec.model_type)
+    files = open_checkpoint(entry.path, load_format, device)
+    return arch.attention_cls(entry.spec, files, device, dtype)
 
 
 def _split(batches: list[Batch], depth: int) -> list[Batch]:

@@ -19,7 +19,33 @@ class Engine:
 
     @property
     def models(self) -> list[str]:
-        return self.config.model_names
+        return self.core.config.model_names  # the live set (load_model, unload_model)
+
+    def load_model(self, model_path: str, served_model_name: str | None = None,
+                   **args) -> dict:
+        """Loads one more model and returns once it serves (what was loaded); raises
+        ModelOpError (with its HTTP status) if it is refused or fails."""
+        name = self.core.live.begin_load({"model_path": str(model_path),
+                                          "served_model_name": served_model_name, **args})
+        return self._finish_live(name)
+
+    def unload_model(self, served_model_name: str) -> dict:
+        """Frees a model (nothing runs between two calls here); returns what was freed."""
+        name, _ = self.core.live.begin_unload({"served_model_name": served_model_name})
+        return self._finish_live(name)
+
+    def _finish_live(self, name: str) -> dict:
+        import time
+
+        from sglang_crosspool.engine.live_models import ModelOpError
+
+        while True:
+            for _, model, result in self.core.live.poll():
+                if model == name:
+                    if "error" in result:
+                        raise ModelOpError(result["status"], result["error"])
+                    return result
+            time.sleep(0.002)
 
     def tokenizer(self, model: str | None = None):
         return self.core.tokenizers[self._model(model)]

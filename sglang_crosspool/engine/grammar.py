@@ -138,6 +138,19 @@ class Grammars:
             self._cache.popitem(last=False)
         return future
 
+    def add_model(self, model: str, vocab_size: int, stop_ids) -> None:
+        """A model loaded while serving (its tokenizer is in the shared tokenizer table)."""
+        self._vocab_sizes[model] = vocab_size
+        self._stop_ids[model] = stop_ids
+
+    def remove_model(self, model: str) -> None:
+        with self._lock:
+            self._compilers.pop(model, None)
+        for key in [k for k in self._cache if k[0] == model]:
+            del self._cache[key]
+        self._vocab_sizes.pop(model, None)
+        self._stop_ids.pop(model, None)
+
     def stats(self) -> dict:
         return {"backend": self.backend, "compiled": self.compiled,
                 "cache_hits": self.cache_hits, "cached": len(self._cache)}

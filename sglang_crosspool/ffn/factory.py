@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from sglang_crosspool.config import EngineConfig
+from sglang_crosspool.config import DTYPES, EngineConfig
 from sglang_crosspool.ffn.executor import FFNExecutor, LocalFFNExecutor
 from sglang_crosspool.ffn.placement import balanced_placement
 from sglang_crosspool.models.checkpoint import open_checkpoint
-from sglang_crosspool.models.registry import get_architecture
+from sglang_crosspool.models.registry import resolve
 
 
 def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
@@ -45,13 +45,16 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
             return P2PFFNExecutor(FFNServerPool(spec), layers)
         return RemoteFFNExecutor(FFNServerPool(spec))
     device = torch.device(config.ffn_device)
-    halves = {}
-    for entry in config.models:
-        arch = get_architecture(entry.spec.model_type)
-        files = open_checkpoint(entry.path, config.load_format, device)
-        halves[entry.name] = [
-            arch.ffn_cls(entry.spec, files, device, config.torch_dtype, experts=share,
-                         with_shared=i == 0)
-            for i, share in enumerate(placement[entry.name])
-        ]
-    return LocalFFNExecutor(halves)
+    halves = {entry.name: build_halves(entry.path, placement[entry.name], device, config.dtype,
+                                       config.load_format) for entry in config.models}
+    return LocalFFNExecutor(halves, device)
+
+
+def build_halves(path: str, shares: list[list[int]], device, dtype: str,
+                 load_format: str) -> list:
+    """One model's FFN, as one half per expert share (the first with the shared experts and
+    dense MLPs), read from its checkpoint onto `device`."""
+    spec, arch = resolve(path)
+    files = open_checkpoint(path, load_format, device)
+    return [arch.ffn_cls(spec, files, torch.device(device), DTYPES[dtype], experts=share,
+                         with_shared=i == 0) for i, share in enumerate(shares)]

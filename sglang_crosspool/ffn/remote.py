@@ -5,7 +5,9 @@ experts (expert e of model m lives in exactly one server, for all layers; server
 shared experts and dense MLPs), waits until every server reports ready, and watches them;
 with the shm transport it can start a dead server again (`restart_dead`).
 `RemoteFFNExecutor` sends each layer's hidden states and routing only to the servers owning
-at least one chosen expert and sums their partial outputs.
+at least one chosen expert and sums their partial outputs. It loads and unloads models while
+serving (`begin_load`, `unload_model`): the servers read a new model's experts in a thread
+while they keep answering steps; a server restarted later loads the live set.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from sglang_crosspool.ffn.executor import FFNExecutor
+from sglang_crosspool.ffn.executor import FFNExecutor, FFNLoad, FFNLoadError
 from sglang_crosspool.ffn.server import FFNServerSpec
 from sglang_crosspool.models.common import Routing
 from sglang_crosspool.transport import messages as m
@@ -206,6 +208,21 @@ class FFNServerPool:
             self.ready[i] = self._await_ready(i, self.links[i].sock)
         return dead
 
+    def set_model(self, name: str, path: str | None, shares=None) -> None:
+        """Records the live model set (a model added, or with `path` None removed) in the
+        servers' specs, so that a restarted server loads what is served now."""
+        for i, server in enumerate(self._servers):
+            models, experts = dict(server.models), dict(server.experts)
+            if path is None:
+                models.pop(name, None)
+                experts.pop(name, None)
+            else:
+                models[name], experts[name] = path, list(shares[i])
+            self._servers[i] = dataclasses.replace(server, models=models, experts=experts)
+
+    def set_bytes(self, server: int, ffn_bytes: int) -> None:
+        self.ready[server] = dataclasses.replace(self.ready[server], ffn_bytes=ffn_bytes)
+
     def close(self) -> None:
         for link in self.links:
             # Links let go of what a server shares (cuda-ipc mappings) before it exits.
@@ -260,10 +277,7 @@ class RemoteFFNExecutor(FFNExecutor):
         self.links = pool.links
         self._owner = {}  # model -> tensor: expert id -> server
         for model, shares in pool.spec.placement.items():
-            owner = torch.empty(sum(len(s) for s in shares), dtype=torch.int64)
-            for server, experts in enumerate(shares):
-                owner[experts] = server
-            self._owner[model] = owner
+            self._owner[model] = _owner_table(shares)
         self._free_slots = list(range(pool.spec.slots))[::-1]
         self.broken: str | None = None
 
@@ -327,3 +341,75 @@ class RemoteFFNExecutor(FFNExecutor):
 
     def close(self) -> None:
         self.pool.close()
+
+    # -- the model set ----------------------------------------------------------------------
+
+    def live_models_refused(self) -> str | None:
+        if self.pool.spec.echo is not None:
+            return "an echo pool (benchmarks) serves no model"
+        return None
+
+    def begin_load(self, name, path, shares, dtype, load_format) -> FFNLoad:
+        for i, link in enumerate(self.links):
+            link.send_control(m.LoadModel(name, path, tuple(shares[i]), i == 0, load_format))
+        return _RemoteLoad(self, name, path, shares)
+
+    def unload_model(self, name: str) -> int:
+        self._owner.pop(name, None)
+        self.pool.set_model(name, None)
+        freed = 0
+        for i, link in enumerate(self.links):
+            link.send_control(m.UnloadModel(name))
+        for i, link in enumerate(self.links):
+            reply = link.take_reply(m.Unloaded, name, timeout_ms=int(
+                self.pool.spec.start_timeout_s * 1000))
+            if reply is None:
+                raise FFNServerError(f"FFN server {i} did not answer the unload of {name!r}")
+            freed += reply.freed_bytes
+            self.pool.set_bytes(i, reply.ffn_bytes)
+        return freed
+
+
+class _RemoteLoad(FFNLoad):
+    """A model's expert shares loading on every FFN server; polled between steps."""
+
+    def __init__(self, executor: RemoteFFNExecutor, name: str, path: str, shares):
+        self.executor, self.name, self.path, self.shares = executor, name, path, shares
+        self.replies: dict[int, object] = {}
+
+    def poll(self) -> bool:
+        for i, link in enumerate(self.executor.links):
+            if i not in self.replies:
+                reply = link.take_reply(m.Loaded, self.name)
+                if reply is not None:
+                    self.replies[i] = reply
+        failed = [(i, r) for i, r in sorted(self.replies.items())
+                  if isinstance(r, m.LoadFailed)]
+        if failed and len(self.replies) == len(self.executor.links):
+            raise FFNLoadError("; ".join(f"FFN server {i} could not load {self.name!r}: "
+                                         f"{r.message}" for i, r in failed))
+        return len(self.replies) == len(self.executor.links)
+
+    def commit(self) -> int:
+        pool = self.executor.pool
+        for i, reply in self.replies.items():
+            pool.set_bytes(i, reply.ffn_bytes)
+        pool.set_model(self.name, self.path, self.shares)
+        self.executor._owner[self.name] = _owner_table(self.shares)
+        return sum(r.model_bytes for r in self.replies.values())
+
+    def cancel(self) -> None:
+        """Drops the shares that did load (the others failed or are still loading: a load
+        that finishes later is dropped by the unload, which the server takes after it)."""
+        try:
+            self.executor.unload_model(self.name)
+        except FFNServerError:
+            pass  # the engine notices a dead server on its own
+
+
+def _owner_table(shares) -> torch.Tensor:
+    """expert id -> the FFN server that owns it."""
+    owner = torch.empty(sum(len(s) for s in shares), dtype=torch.int64)
+    for server, experts in enumerate(shares):
+        owner[list(experts)] = server
+    return owner

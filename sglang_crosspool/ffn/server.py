@@ -7,11 +7,17 @@ partial FFN output over its experts. It reads only FFN tensors from the checkpoi
 weights, embeddings and lm_head never enter this process. With `echo` (benchmarks) it loads no
 model and returns its input, so that only the transport and the control path are timed.
 
+Models come and go while it serves (not on the p2p loop): `LoadModel` starts reading one
+model's share of experts in a thread of its own, and Forward messages for the other models are
+served meanwhile; once the share is loaded it joins the served set and `Loaded` goes back (or
+`LoadFailed`). `UnloadModel` drops a model's share at once and answers `Unloaded`.
+
     python -m sglang_crosspool.ffn.server '<json spec>'
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import faulthandler
 import json
 import logging
@@ -24,7 +30,8 @@ import torch
 import zmq
 
 from sglang_crosspool.config import DTYPES
-from sglang_crosspool.ffn.p2p_server import next_message, serve_steps
+from sglang_crosspool.ffn.executor import in_thread
+from sglang_crosspool.ffn.p2p_server import serve_steps
 from sglang_crosspool.models.checkpoint import open_checkpoint
 from sglang_crosspool.models.registry import resolve
 from sglang_crosspool.transport import messages as m
@@ -34,6 +41,7 @@ from sglang_crosspool.transport.p2p import FFNEnd, P2PLayout, ShmArena, Symmetri
 from sglang_crosspool.transport.shm import ShmLayout
 
 log = logging.getLogger("sglang_crosspool.ffn_server")
+LOAD_POLL_MS = 10  # how often the loop looks at a running load while no message comes
 
 
 @dataclass(frozen=True)
@@ -63,13 +71,80 @@ def load_halves(spec: FFNServerSpec) -> tuple[dict, list[str]]:
     """This server's FFN halves, and the names of every tensor read to build them."""
     halves, keys = {}, []
     for name, path in spec.models.items():
-        model_spec, arch = resolve(path)
-        files = open_checkpoint(path, spec.load_format, spec.device)
-        halves[name] = arch.ffn_cls(model_spec, files, torch.device(spec.device),
-                                    DTYPES[spec.dtype], experts=spec.experts[name],
-                                    with_shared=spec.with_shared)
-        keys.extend(f"{name}:{key}" for key in sorted(files.read_keys))
+        halves[name], read = load_half(path, spec.experts[name], spec.with_shared,
+                                       spec.device, spec.dtype, spec.load_format)
+        keys.extend(f"{name}:{key}" for key in sorted(read))
     return halves, keys
+
+
+def load_half(path: str, experts, with_shared: bool, device: str, dtype: str,
+              load_format: str):
+    """One model's FFN half over `experts`, and the checkpoint tensors read for it."""
+    model_spec, arch = resolve(path)
+    files = open_checkpoint(path, load_format, device)
+    half = arch.ffn_cls(model_spec, files, torch.device(device), DTYPES[dtype],
+                        experts=list(experts), with_shared=with_shared)
+    return half, files.read_keys
+
+
+class ModelSet:
+    """The models this server holds, as they are loaded and unloaded while it serves."""
+
+    def __init__(self, spec: FFNServerSpec, sock, endpoint, halves: dict):
+        self.spec, self.sock, self.endpoint, self.halves = spec, sock, endpoint, halves
+        self.loading: dict[str, object] = {}  # name -> Future of (half, keys read)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.loading)
+
+    def handle(self, msg) -> bool:
+        """Takes a LoadModel or UnloadModel; False for any other message."""
+        if isinstance(msg, m.LoadModel):
+            if msg.name in self.halves or msg.name in self.loading:
+                self._send(m.LoadFailed(self.spec.server_id, msg.name,
+                                        f"model {msg.name!r} is already here"))
+                return True
+            spec = self.spec
+            self.loading[msg.name] = in_thread(
+                lambda: load_half(msg.path, msg.experts, msg.with_shared, spec.device,
+                                  spec.dtype, msg.load_format), f"load-{msg.name}")
+            return True
+        if isinstance(msg, m.UnloadModel):
+            loading = self.loading.pop(msg.name, None)
+            if loading is not None:  # given up: let it finish, then drop it
+                concurrent.futures.wait([loading])
+            half = self.halves.pop(msg.name, None)
+            freed = half.nbytes() if half is not None else 0
+            del half  # NOTE: no gc.collect(): it stalls the loop ~0.4 s; halves hold no cycles
+            if torch.device(self.spec.device).type == "cuda":
+                torch.cuda.empty_cache()  # back to the device, not kept by the allocator
+            self._send(m.Unloaded(self.spec.server_id, msg.name, freed, self._bytes()))
+            return True
+        return False
+
+    def finish(self) -> None:
+        """Adds every model whose load is done to the served set and says so."""
+        for name, future in list(self.loading.items()):
+            if not future.done():
+                continue
+            del self.loading[name]
+            error = future.exception()
+            if error is not None:
+                log.error("loading model %s failed: %s", name, error)
+                self._send(m.LoadFailed(self.spec.server_id, name,
+                                        f"{type(error).__name__}: {error}"))
+                continue
+            half, _ = future.result()
+            self.halves[name] = half
+            self.endpoint.hidden_sizes[name] = half.spec.hidden_size
+            self._send(m.Loaded(self.spec.server_id, name, half.nbytes(), self._bytes()))
+
+    def _bytes(self) -> int:
+        return sum(h.nbytes() for h in self.halves.values())
+
+    def _send(self, msg) -> None:
+        self.sock.send(m.encode(msg))
 
 
 class EchoFFN:
@@ -130,7 +205,7 @@ def serve(spec: FFNServerSpec) -> None:
         if isinstance(endpoint, FFNEnd):
             serve_steps(sock, endpoint, halves, spec.server_id)
         else:
-            _loop(sock, endpoint, halves)
+            _loop(sock, endpoint, ModelSet(spec, sock, endpoint, halves))
     finally:
         endpoint.close()
         sock.close(linger=0)
@@ -168,10 +243,21 @@ def _swap_handles(sock, endpoint: CudaIpcEndpoint) -> bool:
     return True
 
 
-def _loop(sock, endpoint, halves) -> None:
-    parent = os.getppid()
+def _loop(sock, endpoint, models: ModelSet) -> None:
+    parent, halves = os.getppid(), models.halves
     with torch.inference_mode():
-        while (msg := next_message(sock, parent)) is not None:
+        while True:
+            models.finish()
+            if not sock.poll(LOAD_POLL_MS if models.busy else 1000):
+                if os.getppid() != parent:
+                    log.error("parent process %d is gone; exiting", parent)
+                    return
+                continue
+            msg = m.decode(sock.recv())
+            if isinstance(msg, m.Shutdown):
+                return
+            if models.handle(msg):
+                continue
             hidden, routing = endpoint.read(msg)
             try:
                 out = halves[msg.model].forward(msg.layer, hidden, routing)

@@ -113,6 +113,20 @@ class KVPool:
         self.models[name] = kv
         return kv
 
+    def remove_model(self, name: str) -> int:
+        """Releases `name`'s virtual ranges (a model unloaded); every block must be free.
+        Returns the virtual pages released."""
+        kv = self.models[name]
+        if kv.blocks_in_use:
+            raise KVPoolError(f"model {name}: {kv.blocks_in_use} KV blocks are still mapped")
+        released = 0
+        for vrange in kv.k_ranges + kv.v_ranges:
+            self.backend.unmap(vrange, 0)  # the shared guard page
+            released += vrange.num_pages
+            self.backend.release(vrange)
+        del self.models[name]
+        return released
+
     def set_quota(self, model: str, pages: int) -> None:
         """Caps a model at `pages` physical pages (the static pool mode's fixed slice)."""
         self.models[model].quota_pages = pages

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from sglang_crosspool.server.metrics import ServerMetrics
+from sglang_crosspool.server.model_admin import router as model_admin_router
 from sglang_crosspool.server.native_api import NATIVE_ROUTES
 from sglang_crosspool.server.openai_api import router as openai_router
 from sglang_crosspool.server.request_manager import ApiError, RequestHandle, RequestManager
@@ -95,6 +96,32 @@ class ServerState:
         raise ApiError(400, f"model: this server serves several models ({', '.join(names)}); "
                             "name one with the `model` field, or use /models/{name}/...",
                        param="model")
+
+    def add_model(self, entry, shares, tokenizer) -> None:
+        """A model loaded while serving (`model_admin.py`): from now on requests reach it."""
+        self.config = self.config.with_model(entry, shares)
+        self.manager.config = self.config
+        self.architectures[entry.name] = _architectures(entry.path)
+        self._token_texts[entry.name] = {}
+        self.tokenizers[entry.name] = tokenizer  # last: check_model looks here
+        self.metrics.set_models(self.config.model_names)
+
+    def remove_model(self, name: str) -> tuple:
+        """Stops requests for a model at once (404); returns what `restore_model` needs."""
+        saved = (self.config, self.tokenizers.pop(name), self.architectures.get(name))
+        self.config = self.config.without_model(name)
+        self.manager.config = self.config
+        self._token_texts.pop(name, None)
+        self.metrics.set_models(self.config.model_names)
+        return saved
+
+    def restore_model(self, name: str, saved: tuple) -> None:
+        """Undoes `remove_model` (the scheduler refused the unload)."""
+        self.config, tokenizer, self.architectures[name] = saved
+        self.manager.config = self.config
+        self._token_texts[name] = {}
+        self.tokenizers[name] = tokenizer
+        self.metrics.set_models(self.config.model_names)
 
     def token_text(self, model: str, token_id: int) -> str:
         cache = self._token_texts[model]
@@ -263,6 +290,7 @@ def create_app(args, config, client) -> FastAPI:
         app.add_api_route(path, handler, methods=methods)
         app.add_api_route("/models/{model_name}" + path, handler, methods=methods)
     app.include_router(openai_router)
+    app.include_router(model_admin_router)
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
     return app

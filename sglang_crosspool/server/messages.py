@@ -49,7 +49,8 @@ class ControlRequest:
     """A question for the scheduler, answered by a ControlResult with the same cid."""
 
     cid: int
-    kind: str  # "stats" | "flush_cache"
+    kind: str  # "stats" | "health" | "flush_cache" | "load_model" | "unload_model"
+    args: dict = field(default_factory=dict)  # load_model, unload_model: the request's body
 
 
 # -- scheduler -> server ---------------------------------------------------------------------

@@ -74,6 +74,21 @@ class _SchedulerGauges:
                                         "Requests retracted so far (KV pressure)", labels=[])
         retractions.add_metric([], self.stats.get("scheduler", {}).get("retractions", 0))
         yield retractions
+        yield from self._live_models()
+
+    def _live_models(self):
+        """Models loaded and unloaded while serving (POST /load_model, /unload_model)."""
+        live = self.stats.get("live_models") or {}
+        served = GaugeMetricFamily("sglang_crosspool:models_served", "Models served now",
+                                   labels=[])
+        served.add_metric([], len(self.models))
+        ops = GaugeMetricFamily("sglang_crosspool:model_ops", "Model loads and unloads done "
+                                "while serving, and those under way", labels=["op", "state"])
+        ops.add_metric(["load", "done"], live.get("loads", 0))
+        ops.add_metric(["unload", "done"], live.get("unloads", 0))
+        ops.add_metric(["load", "running"], len(live.get("loading", ())))
+        ops.add_metric(["unload", "running"], len(live.get("draining", ())))
+        yield from (served, ops)
 
 
     def _per_device(self, kv: dict):
@@ -137,6 +152,14 @@ class ServerMetrics:
 
     def set_stats(self, stats: dict) -> None:
         self.gauges.stats = stats
+
+    def set_models(self, models: list[str]) -> None:
+        """The served set changed (a model loaded or unloaded while serving)."""
+        self.gauges.models = list(models)
+        for m in models:
+            for c in (self.prompt_tokens, self.generation_tokens, self.num_requests,
+                      self.num_aborted, self.cached_tokens):
+                c.labels(m)
 
     def first_token(self, model: str, ttft: float) -> None:
         self.ttft.labels(model).observe(ttft)

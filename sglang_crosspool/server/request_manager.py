@@ -48,7 +48,8 @@ class ApiError(Exception):
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                503: "service_unavailable", 500: "server_error"}
+                503: "service_unavailable", 500: "server_error", 501: "not_implemented",
+                504: "timeout", 507: "insufficient_storage"}
 
 
 @dataclass
@@ -195,13 +196,13 @@ class RequestManager:
         if self.dead is None:
             self.client.send(AbortRequest(None, message, abort_all=True))
 
-    async def control(self, kind: str, timeout: float = 30.0) -> dict:
+    async def control(self, kind: str, timeout: float = 30.0, args: dict | None = None) -> dict:
         if self.dead is not None:
             raise ApiError(503, f"the scheduler is gone: {self.dead.splitlines()[0]}")
         cid = next(self._cids)
         fut = asyncio.get_running_loop().create_future()
         self._controls[cid] = fut
-        self.client.send(ControlRequest(cid, kind))
+        self.client.send(ControlRequest(cid, kind, dict(args or {})))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:

@@ -5,8 +5,11 @@ Out: AddResults, BatchOutput (per-request deltas: new token ids, text, logprobs,
 plus the core's stats after the step), ControlResult.
 
     loop: idle -> block on the transport (waking once a second to check on the parent and
-                  on the FFN servers, and to restart dead ones)
+                  on the FFN servers, and to restart dead ones; every few ms while a model
+                  loads or unloads)
           busy -> take every waiting message without blocking, then core.step()
+          then -> finish the model loads and unloads that are ready (`core.live.poll()`),
+                  answering their ControlRequests, which were left open until then
 
 No request can stop the loop: the core isolates a request that fails in its step; an exception
 that still escapes a step or a handler (a bug) ends the requests concerned with a 500 error,
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sglang_crosspool.engine.core import EngineCore, EngineUnavailable
+from sglang_crosspool.engine.live_models import LOAD, UNLOAD, ModelOpError
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampling_params import InvalidRequest, SamplingParams
 from sglang_crosspool.server.messages import (
@@ -40,6 +44,7 @@ from sglang_crosspool.server.messages import (
 
 logger = logging.getLogger(__name__)
 IDLE_WAKE_MS = 1000
+LIVE_POLL_MS = 5  # the idle wait while a model loads or unloads
 RECOVERY_RETRY_S = 10.0  # between two attempts to restart dead FFN servers
 
 
@@ -69,6 +74,7 @@ class SchedulerLoop:
         self.sent: dict[str, _Sent] = {}
         self.states: dict[str, RequestState] = {}  # requests not yet reported finished
         self._recover_at = 0.0  # no attempt to restart dead FFN servers before this time
+        self._model_ops: dict[tuple[str, str], int] = {}  # (op, model) -> its ControlRequest
         self.handlers = {
             AddRequests: self._add,
             AbortRequest: self._abort,
@@ -91,8 +97,9 @@ class SchedulerLoop:
     def run_once(self) -> None:
         pending: list[BatchOutput] = []
         if not self.core.has_work():
-            msg = self.transport.recv(IDLE_WAKE_MS)
+            msg = self.transport.recv(LIVE_POLL_MS if self.core.live.busy else IDLE_WAKE_MS)
             if msg is None:
+                self._finish_model_ops()
                 self._check_health()
                 return
             self._handle(msg, pending)
@@ -103,6 +110,26 @@ class SchedulerLoop:
             updates += [self._update(s) for s in self._step()]
         if updates or pending:
             self.transport.send(BatchOutput(updates, self.core.stats()))
+        self._finish_model_ops()
+
+    def _finish_model_ops(self) -> None:
+        """Answers the loads and unloads that finished since the last step."""
+        if not self.core.live.busy:
+            return
+        try:
+            done = self.core.live.poll()
+        except Exception as e:  # a bug: keep serving the other models
+            logger.exception("scheduler: finishing a model load or unload failed")
+            done = [(op, name, {"error": f"internal error: {type(e).__name__}: {e}",
+                                "status": 500}) for op, name in list(self._model_ops)]
+            self.core.live.loading.clear()
+            self.core.live.draining.clear()
+        for op, name, result in done:
+            cid = self._model_ops.pop((op, name), None)
+            if cid is not None:
+                self.transport.send(ControlResult(cid, result))
+        if done:
+            self.transport.send(BatchOutput([], self.core.stats()))
 
     def _step(self) -> list[RequestState]:
         try:
@@ -163,7 +190,7 @@ class SchedulerLoop:
                     self.core.abort(state.req.rid, "the batch failed")
                 raise
         except InvalidRequest as e:
-            self.transport.send(AddResults(rids, str(e)))
+            self.transport.send(AddResults(rids, str(e), getattr(e, "status", 400)))
             return
         except EngineUnavailable as e:
             self.transport.send(AddResults(rids, f"the engine cannot take requests: {e}", 503))
@@ -182,7 +209,9 @@ class SchedulerLoop:
                 updates.append(self._update(state))
         return BatchOutput(updates)  # also when nothing was aborted: the stats go out
 
-    def _control(self, msg: ControlRequest) -> None:
+    def _control(self, msg: ControlRequest) -> BatchOutput | None:
+        if msg.kind in (LOAD, UNLOAD):
+            return self._model_op(msg)
         if msg.kind == "health":
             self._check_health(recover=False)
             result = {"unavailable": self.core.unavailable}
@@ -196,6 +225,23 @@ class SchedulerLoop:
         else:
             result = {"error": f"unknown control request {msg.kind!r}"}
         self.transport.send(ControlResult(msg.cid, result))
+
+    def _model_op(self, msg: ControlRequest) -> BatchOutput | None:
+        """Starts a load or unload; it is answered once done (`_finish_model_ops`), or now
+        if refused. An unload with `force` ends the model's requests here."""
+        live = self.core.live
+        ended = []
+        try:
+            if msg.kind == LOAD:
+                name = live.begin_load(msg.args)
+            else:
+                name, ended = live.begin_unload(msg.args)
+        except ModelOpError as e:
+            self.transport.send(ControlResult(msg.cid, {"error": e.message,
+                                                        "status": e.status}))
+            return None
+        self._model_ops[(msg.kind, name)] = msg.cid
+        return BatchOutput([self._update(s) for s in ended])
 
     # -- outputs -------------------------------------------------------------------------------
 

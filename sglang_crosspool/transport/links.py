@@ -36,6 +36,7 @@ class _LinkBase:
         self.alive = alive  # callable -> None if alive, else a description of the death
         self._done: set[int] = set()
         self._pending: dict[int, tuple] = {}  # slot -> shape of the submitted hidden states
+        self.replies: list = []  # answers to model loads and unloads, kept until taken
 
     def reconnect(self, sock: zmq.Socket) -> None:
         """Starts over on `sock` (a restarted server's, or the same one drained): what was in
@@ -62,10 +63,41 @@ class _LinkBase:
                 msg = m.decode(self.sock.recv())
                 if isinstance(msg, m.Failed):
                     raise FFNServerError(f"FFN server {self.server_id} failed: {msg.message}")
+                if isinstance(msg, _MODEL_REPLIES):  # a load finished between two layers
+                    self.replies.append(msg)
+                    continue
                 self._done.add(msg.slot)
                 continue
             self._check_alive()
         self._done.discard(slot)
+
+    def send_control(self, msg) -> None:
+        """A control message outside the step (a model load or unload)."""
+        self._control(msg)
+
+    def take_reply(self, kind: type, name: str, timeout_ms: int = 0):
+        """The server's reply of `kind` (or LoadFailed) about model `name`, or None if it has
+        not come within `timeout_ms`. Only between steps: nothing may be in flight."""
+        import time
+
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            for msg in self.replies:
+                if isinstance(msg, (kind, m.LoadFailed)) and msg.name == name:
+                    self.replies.remove(msg)
+                    return msg
+            wait = max(0, int((deadline - time.monotonic()) * 1000))
+            if self.sock.poll(min(wait, self.POLL_MS)):
+                msg = m.decode(self.sock.recv())
+                if isinstance(msg, _MODEL_REPLIES):
+                    self.replies.append(msg)
+                continue  # NOTE: anything else is a late answer to a failed step: dropped
+            self._check_alive()
+            if time.monotonic() >= deadline:
+                return None
+
+
+_MODEL_REPLIES = (m.Loaded, m.LoadFailed, m.Unloaded)
 
 
 class ShmLink(_LinkBase):

@@ -74,6 +74,52 @@ class Shutdown:
     pass
 
 
+# -- the model set: models loaded and unloaded while the server runs (ffn/server.py) ----------
+
+
+@dataclass(frozen=True)
+class LoadModel:
+    """Load model `name`'s experts `experts` (and, with `with_shared`, its shared experts and
+    dense MLPs) beside the models served; answered by Loaded or LoadFailed once done, while
+    Forward messages keep being served meanwhile."""
+
+    name: str
+    path: str
+    experts: tuple[int, ...]
+    with_shared: bool
+    load_format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    server_id: int
+    name: str
+    model_bytes: int  # this model's FFN bytes on the server
+    ffn_bytes: int  # the server's FFN bytes in all, with this model
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    server_id: int
+    name: str
+    message: str
+
+
+@dataclass(frozen=True)
+class UnloadModel:
+    """Free model `name`'s FFN weights; answered by Unloaded."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    server_id: int
+    name: str
+    freed_bytes: int
+    ffn_bytes: int  # the server's FFN bytes in all, after
+
+
 def encode(msg) -> bytes:
     return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
 

@@ -65,6 +65,9 @@ def test_models_spread_over_devices_give_one_devices_tokens(three_models, one_de
                                                             launch_server, devices, mode):
     server = launch_server(three_models, "--devices", devices, *mode)
     assert outputs(server) == one_device
+    refused = server.post("/load_model", json={"model_path": three_models["qwen"],
+                                               "served_model_name": "extra"})
+    assert refused.status_code == 501 and "several attention workers" in refused.text
     state = server.internal_state()
     workers = state["workers"]
     n = len(devices.split(","))
