@@ -152,7 +152,7 @@ def compare(report: dict, used: list[int], idle: list[int]) -> list[dict]:
 
 
 def run_mode(mode: str, args, plan: Path, out: Path, paths: dict[str, Path],
-             traces: list[Path]) -> dict:
+             traces: list[str]) -> dict:
     names = list(paths)
     folder = out / mode
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,9 +187,11 @@ def run_mode(mode: str, args, plan: Path, out: Path, paths: dict[str, Path],
                                      .splitlines() if line.startswith("sglang_crosspool:gpu_")]
         info = get_json(server.url + "/server_info")
         result["workers"] = info["internal_states"][0].get("workers")
-        for trace in traces:
+        for spec in traces:
+            trace, _, loads = str(spec).partition(":")
+            trace = Path(trace)
             mapped = mapped_trace(trace, folder / trace.name, paths)
-            for load in (float(x) for x in args.loads.split(",")):
+            for load in (float(x) for x in (loads or args.loads).split(",")):
                 replay = runner.run(server.url, mapped, time_scale=1.0 / load,
                                     slo_ttft=args.slo_ttft, slo_tbt=args.slo_tbt,
                                     timeout=args.request_timeout)
@@ -226,8 +228,9 @@ def parser() -> argparse.ArgumentParser:
                    help="burst: requests per model (0: no burst)")
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--output", type=int, default=128)
-    p.add_argument("--trace", type=Path, action="append", default=[],
-                   help="replay this trace against each mode after the burst (repeat)")
+    p.add_argument("--trace", action="append", default=[], metavar="PATH[:LOADS]",
+                   help="replay this trace against each mode after the burst (repeat); at "
+                   "--loads, or at its own LOADS (e.g. capacity.jsonl:1)")
     p.add_argument("--loads", default="1",
                    help="trace loads: each replay runs the trace at LOAD x its rate")
     p.add_argument("--slo-ttft", type=float, default=2.0)
