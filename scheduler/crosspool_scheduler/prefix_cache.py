@@ -39,10 +39,10 @@ Chunk = tuple  # the token ids of one block
 class Node:
     """A run of whole blocks: `key[i]` holds the tokens of `blocks[i]`."""
 
-    parent: Node | None
+    parent: Node | None = field(repr=False)
     key: list[Chunk]
     blocks: list[int]
-    children: dict[Chunk, Node] = field(default_factory=dict)
+    children: dict[Chunk, Node] = field(default_factory=dict, repr=False)
     lock: int = 0  # requests whose path runs through this node
     last_use: int = 0
 

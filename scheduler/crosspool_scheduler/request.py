@@ -32,7 +32,8 @@ class SchedReq:
     # the last; the engine lowers it where it needs rows for those positions, as logprobs do).
     max_cached: int | None = None
     cached_tokens: int = 0  # prompt tokens taken from the cache (at the first admission)
-    cache_node: Any = None  # the tree node whose path the request locks
+    # the tree node whose path the request locks (kept out of repr: it reaches the whole tree)
+    cache_node: Any = field(default=None, repr=False)
     cache_len: int = 0  # tokens of that path
 
     @property
