@@ -125,3 +125,21 @@ def test_disable_radix_cache_flag_reaches_the_engine_config(tiny_models):
     assert ServerArgs.from_cli(argv, make_demo=False).engine_config().radix_cache
     off = ServerArgs.from_cli(argv + ["--disable-radix-cache"], make_demo=False)
     assert not off.engine_config().radix_cache
+
+
+def test_the_layer_pipeline_runs_cached_prefixes_of_two_models(tiny_models):
+    # Crosspool with two FFN servers (in process) and two micro-batches a step: batches of
+    # both models, each starting after its cached prefix, run through the layer pipeline.
+    paths = [tiny_models["qwen3_moe"], tiny_models["mixtral"]]
+    options = dict(SMALL, served_model_name=["q", "m"], pool_mode="crosspool", ffn_servers=2,
+                   ffn_transport="local", pipeline_microbatches=2)
+    prompts = [SYSTEM + [1, 2], SYSTEM + [3], SYSTEM + list(range(300, 320)), SYSTEM + [4]]
+    models = ["q", "m", "q", "m"]
+    outs = {}
+    for disable in (True, False):
+        engine = Engine(paths, disable_radix_cache=disable, **options)
+        engine.generate(input_ids=[SYSTEM + [9]] * 2, sampling_params=GREEDY, model=["q", "m"])
+        outs[disable] = engine.generate(input_ids=prompts, sampling_params=GREEDY, model=models)
+        assert engine.stats()["pipeline"]["steps"] > 0
+    assert [o["output_ids"] for o in outs[False]] == [o["output_ids"] for o in outs[True]]
+    assert [o["meta_info"]["cached_tokens"] for o in outs[False]] == [40] * 4
