@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmark.stats import cdf  # noqa: E402
+from benchmark import plots  # noqa: E402
 
 NAME = re.compile(r"^(?P<trace>.+)-load(?P<load>[0-9.]+)\.results\.json$")
 
@@ -106,35 +106,14 @@ def ratios(runs: dict, trace: str, baseline: str, candidate: str) -> list[str]:
 
 
 def plot_sweep(runs: dict, trace: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, per in runs.items():
-        pts = sorted((load, r["overall"]["tbt_p99"]) for load, r in per.get(trace, {}).items()
-                     if r["overall"]["tbt_p99"] is not None)
-        if pts:
-            ax.plot([x for x, _ in pts], [1000 * y for _, y in pts], marker="o", label=label)
-    ax.set_xlabel("load (multiple of the trace's arrival rate)")
-    ax.set_ylabel("P99 time between tokens (ms)")
-    ax.set_title(trace)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return plots.p99_tbt_vs_load(
+        {label: [{"load": load, "overall": r["overall"]} for load, r in
+                 sorted(per.get(trace, {}).items())] for label, per in runs.items()}, path)
 
 
 def plot_cdf(runs: dict, trace: str, load: float, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, per in runs.items():
-        r = per.get(trace, {}).get(load)
-        gaps = [1000 * g for rec in (r or {}).get("records", []) for g in rec["gaps"]]
-        if gaps:
-            xs, ys = cdf(gaps)
-            ax.plot(xs, ys, label=label)
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("time between tokens (ms)")
-    ax.set_ylabel("CDF")
-    ax.set_title(f"{trace}, load {load:g}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return plots.tbt_cdf({label: per[trace][load] for label, per in runs.items()
+                          if load in per.get(trace, {})}, path)
 
 
 def plot_kv(runs: dict, trace: str, load: float, path: Path) -> Path:

@@ -44,6 +44,37 @@ def graph_buckets(max_bs: int) -> list[int]:
     return sizes + [max_bs]
 
 
+def capture_step(ffn, plan: tuple, body, device: torch.device, pool):
+    """Captures one step: `body()` warmed up twice on a side stream (kernels compiled, the
+    allocator settled), then recorded while the FFN servers capture `plan` alongside.
+    Returns (graph, body's output, bytes the graph memory grew by)."""
+    before = torch.cuda.memory_reserved(device)
+    with torch.inference_mode():
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                ffn.begin_step(plan)
+                body()
+                ffn.end_step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with ffn.capture(plan), torch.cuda.graph(graph, pool=pool):
+            out = body()
+    torch.cuda.synchronize(device)
+    return graph, out, torch.cuda.memory_reserved(device) - before
+
+
+def replay_step(ffn, plan: tuple, graph, out, body):
+    """One step announced to the FFN servers, then its graph replayed (its output `out`), or
+    `body()` run when nothing was captured."""
+    ffn.begin_step(plan, graph=graph is not None)
+    if graph is None:
+        return body()
+    graph.replay()
+    return out
+
+
 class StaticBuffers:
     """The graph's inputs: int64 ids, positions, slots and block tables, and int32 context
     lengths, all views of one byte buffer so that a step is a single host-to-device copy."""
@@ -137,12 +168,8 @@ class DecodeGraphs:
         bs = min(b for b in self.graphs if b >= len(lists.ids))
         cap = self.graphs[bs]
         self._prepare(cap, self.buffers.fill(lists, bs), len(lists.ids))
-        self.runner.ffn.begin_step(cap.plan, graph=cap.graph is not None)
-        if cap.graph is None:
-            logits = self._body(cap)
-        else:
-            cap.graph.replay()
-            logits = cap.logits
+        logits = replay_step(self.runner.ffn, cap.plan, cap.graph, cap.logits,
+                             lambda: self._body(cap))
         self.runs += 1
         if rows == list(range(len(rows))):  # the usual decode step: a view, no upload
             return logits[: len(rows)]
@@ -187,22 +214,8 @@ class DecodeGraphs:
         if not self.capture:
             self.graphs[bs] = cap
             return
-        ffn = self.runner.ffn
-        before = torch.cuda.memory_reserved(self.device)
-        with torch.inference_mode():
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm up: compile kernels, settle the allocator
-                for _ in range(2):
-                    ffn.begin_step(cap.plan)
-                    self._body(cap)
-                    ffn.end_step()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with ffn.capture(cap.plan), torch.cuda.graph(graph, pool=self.pool):
-                logits = self._body(cap)
-        torch.cuda.synchronize(self.device)
-        grown = torch.cuda.memory_reserved(self.device) - before
+        graph, logits, grown = capture_step(self.runner.ffn, cap.plan, lambda: self._body(cap),
+                                            self.device, self.pool)
         if self.memory_budget is not None and self.memory_bytes + grown > self.memory_budget:
             log.warning("%s: decode graph for batch %d needs %d MiB, over the graph memory "
                         "budget; larger batches of this model run eagerly", self.runner.name,

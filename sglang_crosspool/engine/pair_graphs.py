@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_crosspool.engine.cuda_graph import DecodeGraphs
+from sglang_crosspool.engine.cuda_graph import DecodeGraphs, capture_step, replay_step
 from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
 from sglang_crosspool.engine.model_runner import MicroBatch, pipelined_layers
 
@@ -81,12 +81,8 @@ class PairGraphs:
             fb.ctx_lens = graphs.buffers.fill(lists, bs)
             fb.num_real = len(lists.ids)
             graphs.runner.backend.prepare_graph(fb)
-        self.first.runner.ffn.begin_step(pair.plan, graph=pair.graph is not None)
-        if pair.graph is None:
-            logits = self._body(pair)
-        else:
-            pair.graph.replay()
-            logits = pair.logits
+        logits = replay_step(self.first.runner.ffn, pair.plan, pair.graph, pair.logits,
+                             lambda: self._body(pair))
         self.runs += 1
         return _rows(logits[0], rows_a), _rows(logits[1], rows_b)
 
@@ -110,23 +106,10 @@ class PairGraphs:
         if not self.capture:
             self.graphs[bs] = pair
             return
-        ffn = self.first.runner.ffn
-        device = self.first.device
-        before = torch.cuda.memory_reserved(device)
-        with torch.inference_mode():
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # warm up: compile kernels, settle the allocator
-                for _ in range(2):
-                    ffn.begin_step(pair.plan)
-                    self._body(pair)
-                    ffn.end_step()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with ffn.capture(pair.plan), torch.cuda.graph(graph, pool=self.pool):
-                logits = self._body(pair)
-        torch.cuda.synchronize(device)
-        self.memory_bytes += torch.cuda.memory_reserved(device) - before
+        graph, logits, grown = capture_step(self.first.runner.ffn, pair.plan,
+                                            lambda: self._body(pair), self.first.device,
+                                            self.pool)
+        self.memory_bytes += grown
         pair.graph, pair.logits = graph, logits
         self.graphs[bs] = pair
 
