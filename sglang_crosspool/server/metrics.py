@@ -97,7 +97,8 @@ class _SchedulerGauges:
         workers = self.stats.get("workers") or [
             {"index": 0, "device": self.stats.get("device", ""), "kv": kv,
              "attention_bytes": self.stats.get("attention_bytes", 0),
-             "ffn_bytes_here": self.stats.get("ffn_bytes_here", 0)}]
+             "ffn_bytes_here": self.stats.get("ffn_bytes_here", 0),
+             "device_memory": self.stats.get("device_memory") or {}}]
         used = GaugeMetricFamily("sglang_crosspool:gpu_kv_pages_used",
                                  "KV pages in use on the device", labels=["gpu"])
         total = GaugeMetricFamily("sglang_crosspool:gpu_kv_pages_total",
@@ -106,13 +107,21 @@ class _SchedulerGauges:
                                     "Weight bytes held by the device's attention worker "
                                     "process (kind: attention side, or FFN held in process)",
                                     labels=["gpu", "kind"])
+        memory = GaugeMetricFamily("sglang_crosspool:gpu_memory_bytes",
+                                   "What the device's attention worker holds, as measured "
+                                   "(kind: allocated and reserved by torch's allocator, "
+                                   "kv_mapped pages, device_used by every process on the "
+                                   "device); GPUs only, except kv_mapped", labels=["gpu", "kind"])
         for w in workers:
             gpu = w["device"] if w["device"] != "cpu" else f"cpu#{w['index']}"
             used.add_metric([gpu], (w.get("kv") or {}).get("used_pages") or 0)
             total.add_metric([gpu], (w.get("kv") or {}).get("total_pages") or 0)
             weights.add_metric([gpu, "attention"], w.get("attention_bytes") or 0)
             weights.add_metric([gpu, "ffn"], w.get("ffn_bytes_here") or 0)
-        yield from (used, total, weights)
+            for key, value in (w.get("device_memory") or {}).items():
+                if value is not None:
+                    memory.add_metric([gpu, key.removesuffix("_bytes")], value)
+        yield from (used, total, weights, memory)
 
 
 class ServerMetrics:

@@ -82,6 +82,11 @@ def test_models_spread_over_devices_give_one_devices_tokens(three_models, one_de
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     gpus = {s.labels["gpu"] for s in families["sglang_crosspool:gpu_kv_pages_total"].samples}
     assert gpus == {f"cpu#{i}" for i in range(n)}
+    # Measured memory: on CPU stand-ins only the KV pages mapped (the allocator's are GPU's).
+    memory = {(s.labels["gpu"], s.labels["kind"]): s.value
+              for s in families["sglang_crosspool:gpu_memory_bytes"].samples}
+    assert {gpu for gpu, kind in memory if kind == "kv_mapped"} == gpus
+    assert not any(kind == "allocated" for _, kind in memory)
 
 
 def test_a_killed_worker_fails_its_requests_and_the_other_serves_on(three_models,
