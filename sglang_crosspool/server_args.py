@@ -71,6 +71,9 @@ class ServerArgs:
     grammar_jump_forward: bool = False
     disable_cuda_graph: bool = False
     disable_radix_cache: bool = False  # no prefix cache: every prompt is computed whole
+    # ((model, pages), ...): cached pages other models cannot evict (--radix-cache-floor, or
+    # the plan's cached_prefix)
+    radix_cache_floor_pages: tuple[tuple[str, int], ...] = ()
     cuda_graph_max_bs_decode: int | None = None
     pool_mode: str = "monolithic"
     ffn_servers: int = 1
@@ -139,6 +142,7 @@ class ServerArgs:
             pipeline_models=self.pipeline_models,
             disable_cuda_graph=self.disable_cuda_graph,
             disable_radix_cache=self.disable_radix_cache,
+            radix_cache_floor_pages=dict(self.radix_cache_floor_pages),
             cuda_graph_max_bs=self.cuda_graph_max_bs_decode or 32,
             kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages,
             load_format=self.load_format, grammar_backend=self.grammar_backend,
@@ -179,6 +183,11 @@ class ServerArgs:
         if unplaced:
             raise ServerArgsError(f"--plan: its {a.pool_mode} mode does not place model(s) "
                                   f"{', '.join(unplaced)}; plan them, or serve fewer models")
+        floors = _floor_flags(a.radix_cache_floor)
+        strangers = [name for name, _ in floors if name not in {m.name for m in models}]
+        if strangers:
+            raise ServerArgsError(f"--radix-cache-floor: no served model named "
+                                  f"{', '.join(strangers)}")
         dtype = _DTYPE_ALIASES.get(a.dtype, a.dtype)
         for flag, value, low in (("--port", a.port, 0), ("--max-running-requests",
                                  a.max_running_requests, 1), ("--chunked-prefill-size",
@@ -226,6 +235,7 @@ class ServerArgs:
             constrained_json_disable_any_whitespace=a.constrained_json_disable_any_whitespace,
             grammar_jump_forward=a.grammar_jump_forward,
             disable_cuda_graph=a.disable_cuda_graph, disable_radix_cache=a.disable_radix_cache,
+            radix_cache_floor_pages=floors,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
             ffn_device=a.ffn_device, devices=_devices(a.devices),
@@ -283,12 +293,26 @@ def _apply_plan(a: argparse.Namespace) -> tuple[tuple | None, PlanLayout]:
     if a.kv_pages is None and a.max_total_tokens is None and kv_devices:
         a.kv_pages = int(kv_devices[0].kv_pages)
     layout = _plan_layout(a, plan, mode)
+    if not a.radix_cache_floor:  # the plan's floors, where its traffic gave a cached_prefix
+        a.radix_cache_floor = [f"{row.name}={int(row.cache_floor_pages)}" for row in mode.models
+                               if row.fits and row.cache_floor_pages is not None
+                               and int(row.cache_floor_pages) > 0]
     if a.pool_mode != "crosspool" or mode.placement is None:
         return None, layout
     a.ffn_servers = len(mode.weights_devices)
     table = mode.placement.table()
     return tuple((name, tuple(tuple(e) for e in shares)) for name, shares in table.items()), \
         layout
+
+
+def _floor_flags(specs: list[str] | None) -> tuple[tuple[str, int], ...]:
+    floors = {}
+    for spec in specs or []:
+        name, sep, pages = spec.partition("=")
+        if not sep or not name or not pages.isdigit():
+            raise ServerArgsError(f"--radix-cache-floor: expected NAME=PAGES, got {spec!r}")
+        floors[name] = int(pages)
+    return tuple(sorted(floors.items()))
 
 
 def _startup_plan(a: argparse.Namespace, make_demo: bool) -> str:
@@ -586,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV pages created ahead and kept unmapped, so new blocks map without "
                         "creating memory; part of the KV budget (default: none on CPU, two "
                         "blocks of the model with the most layers on CUDA)")
+    g.add_argument("--radix-cache-floor", action="append", metavar="NAME=PAGES",
+                   help="KV pages of model NAME's prefix cache that other models' requests "
+                        "cannot evict (repeat per model; default: the plan's, from its traffic "
+                        "file's cached_prefix, else none)")
     g.add_argument("--disable-radix-cache", action="store_true",
                    help="no prefix cache (RadixAttention): every prompt is computed whole")
 

@@ -20,7 +20,7 @@ launch reads `value`, people read `how`.
     models: [ {name, path, model_type, num_layers, hidden_size, num_heads, num_kv_heads,
                head_dim, num_experts, top_k, moe_layers, dense_layers, has_shared_expert,
                max_position_embeddings,
-               traffic: {rate, mean_context, max_context, max_running},
+               traffic: {rate, mean_context, max_context, max_running, cached_prefix},
                weights: {dtype, embedding, lm_head, attention, norms, router, attention_side,
                          routed_experts, shared_experts, dense_mlp, ffn_side, total,
                          expert_bytes, replicated_bytes, params_total, params_active,
@@ -35,7 +35,9 @@ launch reads `value`, people read `how`.
                               devices of `devices`], how, waste_note} | null,
                    block_tokens, pages_per_block, kv_pages, longest_context, longest_served,
                    tokens_alone, requests_at_mean, virtual_pages: Figure | null,
-                   reaches_max_context} ],
+                   reaches_max_context,
+                   cache_floor_pages: Figure | null (the prefix cache's floor: the pages of
+                   traffic's cached_prefix in whole blocks; absent in older plans)} ],
         total_kv_bytes, total_kv_tokens: Figure,
         weights_devices: [FFN server i runs on weights_devices[i]], kv_devices: [...],
         split: "why this many weights-pool devices" (crosspool),
@@ -45,8 +47,9 @@ launch reads `value`, people read `how`.
         notes: [...] }
 
 What launch needs, per mode: `kv_devices` and each device's `kv_pages` (the physical KV
-budget), per model `parallel.replicas` and `devices`; for crosspool also `weights_devices`
-and `placement.table()` (model -> per server, expert ids: the FFN servers' format).
+budget), per model `parallel.replicas`, `devices` and `cache_floor_pages`; for crosspool also
+`weights_devices` and `placement.table()` (model -> per server, expert ids: the FFN servers'
+format).
 """
 
 from sglang_crosspool.planner.errors import PlanError

@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", required=True,
                    help="memory of each GPU: 80GB (10^9 B), 80GiB (2^30 B) or bytes")
     p.add_argument("--traffic", help="JSON or YAML: model name -> {rate, mean_context, "
-                   "max_context, max_running}; a 'default' entry applies to every model")
+                   "max_context, max_running, cached_prefix}; a 'default' entry applies to every model")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES),
                    help="dtype of weights and KV cache (default bfloat16)")
     p.add_argument("--mem-fraction-static", type=float, default=DEFAULT_MEM_FRACTION,

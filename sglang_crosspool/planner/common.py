@@ -76,7 +76,18 @@ def fitted(info: ModelInfo, inputs: Inputs, devices: tuple[int, ...],
     return ModelKV(info.name, True, "", devices, par, layout.block_tokens,
                    layout.pages_per_block, least, longest, served,
                    served_value >= info.traffic.max_context, alone, requests,
-                   virtual_pages(info, layout))
+                   virtual_pages(info, layout), cache_floor(info, layout))
+
+
+def cache_floor(info: ModelInfo, layout: BlockLayout) -> Figure:
+    """Pages the prefix cache keeps for the model's cached_prefix tokens: whole blocks only,
+    as the cache holds them."""
+    tokens = info.traffic.cached_prefix
+    blocks = tokens // int(layout.block_tokens)
+    pages = blocks * int(layout.pages_per_block)
+    return Figure(pages, f"{num(tokens)} cached_prefix tokens // {num(int(layout.block_tokens))} "
+                  f"tokens per block = {num(blocks)} whole blocks x "
+                  f"{int(layout.pages_per_block)} pages = {num(pages)} pages kept from eviction")
 
 
 def unfitted(info: ModelInfo, reason: str) -> ModelKV:

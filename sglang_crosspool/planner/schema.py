@@ -87,6 +87,9 @@ class ModelKV:
     tokens_alone: Figure | None  # over all replicas, if the KV memory held only this model
     requests_at_mean: Figure | None  # tokens_alone / mean_context
     virtual_pages: Figure | None  # per device virtual reservation (nothing committed)
+    # The prefix cache's floor for the model: pages of its cached_prefix tokens, which other
+    # models' requests cannot evict (launch --plan passes it to the engine).
+    cache_floor_pages: Figure | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Traffic description: per served model, its request rate and context lengths.
 
 In: an optional JSON or YAML file mapping model name -> {rate, mean_context, max_context,
-max_running}, with an optional "default" entry applying to every model; omitted fields take
-defaults (rate 1 req/s, mean_context min(4096, max_position_embeddings), max_context the
-model's max_position_embeddings, max_running from the command line).
+max_running, cached_prefix}, with an optional "default" entry applying to every model; omitted
+fields take defaults (rate 1 req/s, mean_context min(4096, max_position_embeddings),
+max_context the model's max_position_embeddings, max_running from the command line,
+cached_prefix 0: the prefix cache keeps no floor for the model).
 Out: one frozen `Traffic` per model, validated against the model's config.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from sglang_crosspool.planner.errors import PlanError
 
-FIELDS = ("rate", "mean_context", "max_context", "max_running")
+FIELDS = ("rate", "mean_context", "max_context", "max_running", "cached_prefix")
 DEFAULT_RATE = 1.0
 DEFAULT_MEAN_CONTEXT = 4096
 
@@ -27,6 +28,9 @@ class Traffic:
     mean_context: int  # tokens (prompt + output) of a typical request
     max_context: int  # tokens of the longest request to plan for
     max_running: int  # concurrent requests that `static` reserves worst-case KV for
+    # Tokens of prefix (system prompts, few-shot examples) the prefix cache keeps for this
+    # model whatever other models need: the cache's per-model floor. 0: none.
+    cached_prefix: int = 0
 
 
 def read_traffic_file(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -72,6 +76,7 @@ def resolve_traffic(
     mean = entry.get("mean_context", min(DEFAULT_MEAN_CONTEXT, max_position))
     longest = entry.get("max_context", max_position)
     running = entry.get("max_running", max_running)
+    prefix = entry.get("cached_prefix", 0)
     ctx = f"{where}: model {name!r}"
     if not _number(rate) or rate < 0:
         raise PlanError(f"{ctx}: rate must be a number >= 0 (requests/s), got {rate!r}")
@@ -79,12 +84,15 @@ def resolve_traffic(
                          ("max_running", running)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PlanError(f"{ctx}: {field} must be an integer >= 1, got {value!r}")
+    if not isinstance(prefix, int) or isinstance(prefix, bool) or not 0 <= prefix <= longest:
+        raise PlanError(f"{ctx}: cached_prefix must be an integer in [0, max_context], "
+                        f"got {prefix!r}")
     if mean > longest:
         raise PlanError(f"{ctx}: mean_context {mean} exceeds max_context {longest}")
     if longest > max_position:
         raise PlanError(f"{ctx}: max_context {longest} exceeds the model's "
                         f"max_position_embeddings {max_position}")
-    return Traffic(float(rate), mean, longest, running)
+    return Traffic(float(rate), mean, longest, running, prefix)
 
 
 def check_names(raw: dict[str, Any], names: list[str], where: str) -> None:

@@ -81,8 +81,10 @@ def worker_config(config, device: str, names: list[str], kv_pages: int | None = 
     if placement is not None:
         placement = tuple((name, shares) for name, shares in placement if name in names)
     ffn_device = config.ffn_device if config.ffn_device != config.device else device
+    floors = tuple((name, pages) for name, pages in config.radix_cache_floor_pages
+                   if name in names)
     return dataclasses.replace(config, models=models, device=device, ffn_device=ffn_device,
-                               ffn_placement=placement,
+                               ffn_placement=placement, radix_cache_floor_pages=floors,
                                kv_pages=kv_pages if kv_pages is not None else config.kv_pages)
 
 

@@ -115,3 +115,33 @@ def test_models_a_plan_leaves_out_are_refused(tiny_models, tmp_path):
                                    "--model", f"b={tiny_models['olmoe']}"])
     with pytest.raises(ServerArgsError, match="does not place model.*b"):
         ServerArgs.from_namespace(a)
+
+
+def test_the_plan_sets_prefix_cache_floors_from_cached_prefix(tiny_models, tmp_path):
+    """A traffic file's cached_prefix becomes the model's prefix-cache floor: whole blocks'
+    pages in the plan, with its arithmetic, and the engine's floor through launch --plan."""
+    from sglang_crosspool.planner import load_plan
+
+    traffic = tmp_path / "traffic.json"
+    traffic.write_text('{"a": {"cached_prefix": 100, "max_context": 512, "mean_context": 256}}')
+    out = tmp_path / "plan.json"
+    subprocess.run([sys.executable, "-m", "sglang_crosspool.plan", "--model-path",
+                    tiny_models["qwen2_moe"], "--served-model-name", "a", "--model-path",
+                    tiny_models["olmoe"], "--served-model-name", "b", "--devices", "2",
+                    "--device-memory", "64MB", "--kv-page-bytes", "4096",
+                    "--traffic", str(traffic), "--out", str(out)],
+                   check=True, capture_output=True)
+    row = load_plan(out).crosspool.model("a")
+    blocks = 100 // int(row.block_tokens)
+    assert blocks >= 1  # the tiny model's blocks are small enough to keep some
+    assert int(row.cache_floor_pages) == blocks * int(row.pages_per_block)
+    assert "100 cached_prefix tokens" in row.cache_floor_pages.how
+    assert int(load_plan(out).crosspool.model("b").cache_floor_pages) == 0
+    config = ServerArgs.from_cli(["--plan", str(out)]).engine_config()
+    assert dict(config.radix_cache_floor_pages) == {"a": int(row.cache_floor_pages)}
+    # A flag overrides the plan's; an unknown name is refused.
+    config = ServerArgs.from_cli(["--plan", str(out), "--radix-cache-floor", "b=3"]) \
+        .engine_config()
+    assert dict(config.radix_cache_floor_pages) == {"b": 3}
+    with pytest.raises(SystemExit):
+        ServerArgs.from_cli(["--plan", str(out), "--radix-cache-floor", "nope=3"])
