@@ -645,6 +645,11 @@ class EngineCore:
                 "graph_bytes": graph_bytes, "kv_virtual_pages": virtual_pages,
                 "prefix_cache_blocks": cached}
 
+    def recapture_graphs(self, name: str) -> None:
+        """Captures a model's decode graphs again (its FFN weights were replaced)."""
+        if self.graphs.pop(name, None) is not None:
+            self._add_graphs(self.config.model(name))
+
     # -- introspection ------------------------------------------------------------------------
 
     def stats(self) -> dict:

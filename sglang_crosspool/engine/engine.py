@@ -34,6 +34,15 @@ class Engine:
         name, _ = self.core.live.begin_unload({"served_model_name": served_model_name})
         return self._finish_live(name)
 
+    def rebalance(self, placement: dict | None = None) -> dict:
+        """Moves experts between FFN servers (crosspool): to `placement` ({model: shares}), or
+        each model's spread evenly; returns what moved."""
+        name = self.core.live.begin_rebalance({} if placement is None else
+                                              {"placement": placement})
+        if name is None:
+            return {"models": {}}
+        return self._finish_live(name)
+
     def _finish_live(self, name: str) -> dict:
         import time
 

@@ -7,6 +7,9 @@
     unload: draining (new requests refused at once; with `force` those in flight end with an
             error) -> the last request finishes -> detach (queue and prefix cache, KV ranges,
             graphs, runner, attention half, FFN) -> what was freed
+    rebalance (crosspool): new expert shares load beside the ones serving, on the FFN servers
+            whose share changes -> polled between steps -> swapped in between two steps, on
+            every server and in the routing table at once -> the old shares are freed
 
 The scheduler loop calls `poll()` between steps, so other models keep serving through a load;
 only the attach (KV ranges, and CUDA graphs where the engine captures them) runs in the loop.
@@ -32,7 +35,7 @@ from sglang_crosspool.config import DTYPES, ModelEntry, model_entry
 from sglang_crosspool.ffn.executor import FFNLoad, in_thread
 
 log = logging.getLogger("sglang_crosspool.engine")
-LOAD, UNLOAD = "load_model", "unload_model"
+LOAD, UNLOAD, REBALANCE = "load_model", "unload_model", "rebalance"
 
 
 class ModelOpError(Exception):
@@ -55,6 +58,12 @@ class _Load:
 
 
 @dataclass
+class _Rebalance:
+    moves: dict[str, tuple[list[list[int]], FFNLoad]]  # model -> (new shares, their load)
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class _Unload:
     name: str
     force: bool
@@ -67,13 +76,16 @@ class LiveModels:
         self.core = core
         self.loading: dict[str, _Load] = {}
         self.draining: dict[str, _Unload] = {}
+        self.rebalancing: _Rebalance | None = None
+        self.load_formats: dict[str, str] = {}  # of models loaded while serving
+        self.rebalances = 0
         self.loads = 0
         self.unloads = 0
         self.last: dict | None = None
 
     @property
     def busy(self) -> bool:
-        return bool(self.loading or self.draining)
+        return bool(self.loading or self.draining or self.rebalancing)
 
     # -- load ---------------------------------------------------------------------------------
 
@@ -109,6 +121,7 @@ class LiveModels:
         parts = in_thread(load_parts, f"load-attention-{name}")
         ffn = core.ffn.begin_load(name, entry.path, shares, cfg.dtype, load_format)
         self.loading[name] = _Load(entry, shares, parts, ffn, estimate)
+        self.load_formats[name] = load_format
         return name
 
     def _entry(self, args: dict) -> ModelEntry:
@@ -192,6 +205,8 @@ class LiveModels:
             raise ModelOpError(404, f"model {name!r} is not served")
         if name in self.draining:
             raise ModelOpError(400, f"model {name!r} is already being unloaded")
+        if self.rebalancing is not None and name in self.rebalancing.moves:
+            raise ModelOpError(400, f"model {name!r} is being rebalanced; unload it after")
         if core.config.pool_mode == "static":
             raise ModelOpError(501, "unload_model is not supported in the static pool mode")
         refused = core.ffn.live_models_refused()
@@ -207,6 +222,85 @@ class LiveModels:
             job.ended = len(ended)
         return name, ended
 
+    # -- rebalance ----------------------------------------------------------------------------
+
+    def begin_rebalance(self, args: dict) -> str | None:
+        """Starts moving experts between FFN servers: `placement` ({model: shares}) as given,
+        else every model's experts spread evenly (each server within one expert of the others,
+        moving as few as possible). Returns "*" (one rebalance at a time), or None when every
+        expert already sits where it should. Raises ModelOpError."""
+        core, cfg = self.core, self.core.config
+        if cfg.pool_mode != "crosspool":
+            raise ModelOpError(501, f"rebalance moves experts between FFN servers, which only "
+                                    f"the crosspool pool mode has (this is {cfg.pool_mode})")
+        refused = core.ffn.live_models_refused()
+        if refused:
+            raise ModelOpError(501, f"rebalance over ffn_transport {cfg.ffn_transport!r}: "
+                                    f"{refused}")
+        if self.rebalancing is not None:
+            raise ModelOpError(400, "a rebalance is already under way")
+        placement = args.get("placement")
+        if placement is None:
+            targets = {m: even_shares(core.ffn.shares(m)) for m in self._settled()}
+        else:
+            targets = self._given(placement)
+        moves = {m: s for m, s in targets.items()
+                 if [sorted(x) for x in s] != [sorted(x) for x in core.ffn.shares(m)]}
+        if not moves:
+            return None
+        self.rebalancing = _Rebalance({
+            m: (s, core.ffn.begin_reshard(m, cfg.model(m).path, s, cfg.dtype,
+                                          self.load_formats.get(m, cfg.load_format)))
+            for m, s in moves.items()})
+        return "*"
+
+    def _settled(self) -> list[str]:
+        """Models served and neither loading nor draining."""
+        return [m for m in self.core.config.model_names if m not in self.draining]
+
+    def _given(self, placement) -> dict[str, list[list[int]]]:
+        if not isinstance(placement, dict) or not placement:
+            raise ModelOpError(400, "placement: expected {model: [[expert ids of server 0], "
+                                    "...]}")
+        servers = self.core.config.ffn_servers
+        out = {}
+        for model, shares in placement.items():
+            if model not in self._settled():
+                raise ModelOpError(404, f"placement: model {model!r} is not served")
+            experts = self.core.config.model(model).spec.num_experts
+            if (not isinstance(shares, list) or len(shares) != servers
+                    or not all(isinstance(s, list) for s in shares)
+                    or sorted(e for s in shares for e in s) != list(range(experts))):
+                raise ModelOpError(400, f"placement: model {model!r} needs {servers} lists "
+                                        f"holding each of its {experts} expert ids once")
+            out[model] = [sorted(s) for s in shares]
+        return out
+
+    def _poll_rebalance(self) -> dict | None:
+        job = self.rebalancing
+        try:
+            if not all(load.poll() for _, load in job.moves.values()):
+                return None
+        except Exception as e:  # noqa: BLE001 - a share failed to load: drop them all
+            for _, load in job.moves.values():
+                load.cancel()
+            self.rebalancing = None
+            return {"error": f"rebalance failed, nothing moved: {type(e).__name__}: {e}",
+                    "status": 500}
+        moved = {}
+        for model, (shares, load) in job.moves.items():
+            before = self.core.ffn.shares(model)
+            load.commit()
+            self.core.recapture_graphs(model)  # graphs over in-process FFN weights hold them
+            moved[model] = {"shares": shares, "moved_experts": sum(
+                len(set(new) - set(old)) for new, old in zip(shares, before))}
+        self.rebalancing = None
+        self.rebalances += 1
+        result = {"seconds": time.monotonic() - job.started, "models": moved,
+                  "ffn_bytes_per_server": self.core.ffn.server_bytes()}
+        self.last = {"op": REBALANCE, **result}
+        return result
+
     # -- between steps ------------------------------------------------------------------------
 
     def poll(self) -> list[tuple[str, str, dict]]:
@@ -218,10 +312,15 @@ class LiveModels:
             if result is not None:
                 del self.loading[name]
                 done.append((LOAD, name, result))
+        if self.rebalancing is not None:
+            result = self._poll_rebalance()
+            if result is not None:
+                done.append((REBALANCE, "*", result))
         for name, job in list(self.draining.items()):
             if any(st.req.model == name for st in self.core.states.values()):
                 continue
             del self.draining[name]
+            self.load_formats.pop(name, None)
             freed = self.core.detach_model(name)
             self.unloads += 1
             result = {"served_model_name": name, "seconds": time.monotonic() - job.started,
@@ -281,7 +380,26 @@ class LiveModels:
 
     def stats(self) -> dict:
         return {"loading": sorted(self.loading), "draining": sorted(self.draining),
-                "loads": self.loads, "unloads": self.unloads, "last": self.last}
+                "rebalancing": sorted(self.rebalancing.moves) if self.rebalancing else [],
+                "loads": self.loads, "unloads": self.unloads, "rebalances": self.rebalances,
+                "last": self.last}
+
+
+def even_shares(shares: list[list[int]]) -> list[list[int]]:
+    """The same experts spread so that no server holds more than one more than another, each
+    expert staying where it is unless its server holds too many."""
+    total, servers = sum(len(s) for s in shares), len(shares)
+    # The servers holding most keep one extra each, so that the fewest experts move.
+    order = sorted(range(servers), key=lambda i: (-len(shares[i]), i))
+    quota = [total // servers] * servers
+    for i in order[: total % servers]:
+        quota[i] += 1
+    kept = [sorted(s)[: quota[i]] for i, s in enumerate(shares)]
+    spare = sorted(e for i, s in enumerate(shares) for e in sorted(s)[quota[i]:])
+    for i in range(servers):
+        while len(kept[i]) < quota[i]:
+            kept[i].append(spare.pop(0))
+    return [sorted(s) for s in kept]
 
 
 def weight_bytes(entry: ModelEntry, dtype: str) -> tuple[int, int]:

@@ -7,8 +7,10 @@ work inside `submit`.
 
 Models come and go while serving (`engine/live_models.py`): `begin_load` starts loading one
 model's FFN half (or its expert shares) off the step and returns an `FFNLoad` to poll;
-`commit` makes it routable; `unload_model` frees it. An executor that cannot do this says why
-in `live_models_refused`.
+`commit` makes it routable; `unload_model` frees it. `begin_reshard` moves a model's experts
+to other FFN servers (/rebalance): the new shares load while the old ones serve, and `commit`
+swaps them between two steps. An executor that cannot do this says why in
+`live_models_refused`.
 """
 
 from __future__ import annotations
@@ -93,6 +95,16 @@ class FFNExecutor(ABC):
         freed."""
         raise NotImplementedError(self.live_models_refused())
 
+    def shares(self, name: str) -> list[list[int]]:
+        """Model `name`'s expert ids per FFN server, as served now."""
+        raise NotImplementedError(self.live_models_refused())
+
+    def begin_reshard(self, name: str, path: str, shares: list[list[int]], dtype: str,
+                      load_format: str) -> FFNLoad:
+        """Starts moving model `name`'s experts to `shares` while the current ones serve;
+        the returned load's `commit` (between steps) switches to the new shares."""
+        raise NotImplementedError(self.live_models_refused())
+
 
 class FFNLoad(ABC):
     """One model's FFN on its way in: poll until done, then commit (or cancel)."""
@@ -174,6 +186,12 @@ class LocalFFNExecutor(FFNExecutor):
     def unload_model(self, name: str) -> int:
         parts = self.halves.pop(name)
         return sum(p.nbytes() for p in parts)
+
+    def shares(self, name: str) -> list[list[int]]:
+        return [list(part.experts) for part in self.halves[name]]
+
+    def begin_reshard(self, name, path, shares, dtype, load_format) -> FFNLoad:
+        return self.begin_load(name, path, shares, dtype, load_format)  # commit replaces
 
 
     def server_bytes(self) -> list[int]:

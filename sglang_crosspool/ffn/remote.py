@@ -354,6 +354,17 @@ class RemoteFFNExecutor(FFNExecutor):
             link.send_control(m.LoadModel(name, path, tuple(shares[i]), i == 0, load_format))
         return _RemoteLoad(self, name, path, shares)
 
+    def shares(self, name: str) -> list[list[int]]:
+        return [list(server.experts[name]) for server in self.pool._servers]
+
+    def begin_reshard(self, name, path, shares, dtype, load_format) -> FFNLoad:
+        old = self.shares(name)
+        moved = [i for i in range(len(self.links)) if sorted(old[i]) != sorted(shares[i])]
+        for i in moved:
+            self.links[i].send_control(m.LoadModel(name, path, tuple(shares[i]), i == 0,
+                                                   load_format, stage=True))
+        return _RemoteReshard(self, name, path, shares, moved)
+
     def unload_model(self, name: str) -> int:
         self._owner.pop(name, None)
         self.pool.set_model(name, None)
@@ -405,6 +416,38 @@ class _RemoteLoad(FFNLoad):
             self.executor.unload_model(self.name)
         except FFNServerError:
             pass  # the engine notices a dead server on its own
+
+
+class _RemoteReshard(_RemoteLoad):
+    """New shares staged on the servers whose share changes; `commit` swaps them in."""
+
+    def __init__(self, executor, name, path, shares, servers: list[int]):
+        super().__init__(executor, name, path, shares)
+        self.servers = servers
+        self.replies = {i: None for i in range(len(executor.links)) if i not in servers}
+
+    def commit(self) -> int:
+        pool = self.executor.pool
+        self._swap(keep=True)
+        pool.set_model(self.name, self.path, self.shares)
+        self.executor._owner[self.name] = _owner_table(self.shares)
+        return sum(r.model_bytes for r in self.replies.values() if r is not None)
+
+    def cancel(self) -> None:
+        try:
+            self._swap(keep=False)
+        except FFNServerError:
+            pass  # the engine notices a dead server on its own
+
+    def _swap(self, keep: bool) -> None:
+        links, timeout = self.executor.links, int(self.executor.pool.spec.start_timeout_s * 1e3)
+        for i in self.servers:
+            links[i].send_control(m.Swap(self.name, keep))
+        for i in self.servers:
+            reply = links[i].take_reply(m.Swapped, self.name, timeout_ms=timeout)
+            if reply is None:
+                raise FFNServerError(f"FFN server {i} did not answer the swap of {self.name!r}")
+            self.executor.pool.set_bytes(i, reply.ffn_bytes)
 
 
 def _owner_table(shares) -> torch.Tensor:

@@ -10,7 +10,9 @@ model and returns its input, so that only the transport and the control path are
 Models come and go while it serves (not on the p2p loop): `LoadModel` starts reading one
 model's share of experts in a thread of its own, and Forward messages for the other models are
 served meanwhile; once the share is loaded it joins the served set and `Loaded` goes back (or
-`LoadFailed`). `UnloadModel` drops a model's share at once and answers `Unloaded`.
+`LoadFailed`). `UnloadModel` drops a model's share at once and answers `Unloaded`. To move
+experts (/rebalance), a `LoadModel` with `stage` keeps the new share aside while the old one
+serves, and `Swap` puts it in place between two steps.
 
     python -m sglang_crosspool.ffn.server '<json spec>'
 """
@@ -93,6 +95,8 @@ class ModelSet:
     def __init__(self, spec: FFNServerSpec, sock, endpoint, halves: dict):
         self.spec, self.sock, self.endpoint, self.halves = spec, sock, endpoint, halves
         self.loading: dict[str, object] = {}  # name -> Future of (half, keys read)
+        self.staging: set[str] = set()  # loads whose share waits for Swap
+        self.staged: dict[str, object] = {}  # name -> the share that Swap puts in place
 
     @property
     def busy(self) -> bool:
@@ -101,7 +105,9 @@ class ModelSet:
     def handle(self, msg) -> bool:
         """Takes a LoadModel or UnloadModel; False for any other message."""
         if isinstance(msg, m.LoadModel):
-            if msg.name in self.halves or msg.name in self.loading:
+            if msg.stage:
+                self.staging.add(msg.name)
+            elif msg.name in self.halves or msg.name in self.loading:
                 self._send(m.LoadFailed(self.spec.server_id, msg.name,
                                         f"model {msg.name!r} is already here"))
                 return True
@@ -109,6 +115,19 @@ class ModelSet:
             self.loading[msg.name] = in_thread(
                 lambda: load_half(msg.path, msg.experts, msg.with_shared, spec.device,
                                   spec.dtype, msg.load_format), f"load-{msg.name}")
+            return True
+        if isinstance(msg, m.Swap):
+            if msg.name in self.staging:  # given up while loading: let it finish, drop it
+                concurrent.futures.wait([self.loading.pop(msg.name)])
+                self.staging.discard(msg.name)
+            staged = self.staged.pop(msg.name, None)
+            if msg.keep and staged is not None:
+                self.halves[msg.name] = staged
+                self.endpoint.hidden_sizes[msg.name] = staged.spec.hidden_size
+            del staged
+            if torch.device(self.spec.device).type == "cuda":
+                torch.cuda.empty_cache()
+            self._send(m.Swapped(self.spec.server_id, msg.name, self._bytes()))
             return True
         if isinstance(msg, m.UnloadModel):
             loading = self.loading.pop(msg.name, None)
@@ -131,11 +150,17 @@ class ModelSet:
             del self.loading[name]
             error = future.exception()
             if error is not None:
+                self.staging.discard(name)
                 log.error("loading model %s failed: %s", name, error)
                 self._send(m.LoadFailed(self.spec.server_id, name,
                                         f"{type(error).__name__}: {error}"))
                 continue
             half, _ = future.result()
+            if name in self.staging:
+                self.staging.discard(name)
+                self.staged[name] = half
+                self._send(m.Loaded(self.spec.server_id, name, half.nbytes(), self._bytes()))
+                continue
             self.halves[name] = half
             self.endpoint.hidden_sizes[name] = half.spec.hidden_size
             self._send(m.Loaded(self.spec.server_id, name, half.nbytes(), self._bytes()))

@@ -88,6 +88,8 @@ class _SchedulerGauges:
         ops.add_metric(["unload", "done"], live.get("unloads", 0))
         ops.add_metric(["load", "running"], len(live.get("loading", ())))
         ops.add_metric(["unload", "running"], len(live.get("draining", ())))
+        ops.add_metric(["rebalance", "done"], live.get("rebalances", 0))
+        ops.add_metric(["rebalance", "running"], 1 if live.get("rebalancing") else 0)
         yield from (served, ops)
 
 

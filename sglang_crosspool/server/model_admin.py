@@ -2,19 +2,22 @@
 
     POST /load_model    {"model_path", "served_model_name"?, "context_length"?, "load_format"?}
     POST /unload_model  {"served_model_name", "force"?: false, "timeout"?: seconds}
-    POST /rebalance     501: moving experts between FFN servers while serving is not built
+    POST /rebalance     {"placement"?: {model: [[expert ids of FFN server 0], ...]}}
 
-Both answer `{"success": true, "message", ...what was loaded or freed}` once done, or an error
-in the usual shape: 400 a bad body or a name already served, 404 an unknown model, 501 not on
-this server (the static pool mode, the p2p crossing, several attention workers), 507 no room
-(weights over the free memory, a KV block over the budget, transport buffers too small), 504
-when the scheduler did not finish in time (the operation goes on).
+Each answers `{"success": true, "message", ...what was loaded, freed or moved}` once done, or
+an error in the usual shape: 400 a bad body or a name already served, 404 an unknown model,
+501 not on this server (the static pool mode, the p2p crossing, several attention workers;
+rebalance: not crosspool), 507 no room (weights over the free memory, a KV block over the
+budget, transport buffers too small), 504 when the scheduler did not finish in time (the
+operation goes on).
 
 A load checks the checkpoint's config.json and loads the tokenizer here, then the scheduler
 loads the weights while every other model keeps serving (`engine/live_models.py`); requests
 reach the model once the scheduler says every part is ready. An unload takes the model off
 this side first, so that new requests get 404 at once, then waits until the scheduler has let
 the requests in flight finish (or, with `force`, ended them with an error) and freed the model.
+A rebalance moves experts between FFN servers while every model serves: without a placement it
+spreads each model's experts evenly, moving as few as it can.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ UNLOAD_TIMEOUT_S = 600.0  # default; the body's `timeout` overrides it
 def _refuse_several_workers(state) -> None:
     workers = getattr(state.manager.client, "workers", None)
     if workers is not None and len(workers) > 1:
-        raise ApiError(501, "load_model and unload_model are not supported on a server with "
-                            "several attention workers (--devices): routing a new model to one "
-                            "worker is not built yet; restart with the model instead")
+        raise ApiError(501, "load_model, unload_model and rebalance are not supported on a "
+                            "server with several attention workers (--devices): routing a new "
+                            "model to one worker is not built yet; restart with the model "
+                            "instead")
 
 
 async def _control(state, kind: str, args: dict, timeout: float) -> dict:
@@ -110,5 +114,10 @@ async def unload_model(request: Request):
 
 @router.post("/rebalance")
 async def rebalance(request: Request):
-    raise ApiError(501, "/rebalance (moving experts between FFN servers while serving) is not "
-                        "built yet; unload and load the model again to place its experts anew")
+    state = request.app.state.server
+    body = await state.json_body(request)
+    _refuse_several_workers(state)
+    args = {"placement": body["placement"]} if body.get("placement") is not None else {}
+    result = await _control(state, "rebalance", args, LOAD_TIMEOUT_S)
+    moved = sum(m["moved_experts"] for m in result["models"].values())
+    return JSONResponse({"success": True, "message": f"{moved} experts moved", **result})

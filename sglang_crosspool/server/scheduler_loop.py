@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sglang_crosspool.engine.core import EngineCore, EngineUnavailable
-from sglang_crosspool.engine.live_models import LOAD, UNLOAD, ModelOpError
+from sglang_crosspool.engine.live_models import LOAD, REBALANCE, UNLOAD, ModelOpError
 from sglang_crosspool.engine.request import EngineRequest, RequestState
 from sglang_crosspool.engine.sampling_params import InvalidRequest, SamplingParams
 from sglang_crosspool.server.messages import (
@@ -210,7 +210,7 @@ class SchedulerLoop:
         return BatchOutput(updates)  # also when nothing was aborted: the stats go out
 
     def _control(self, msg: ControlRequest) -> BatchOutput | None:
-        if msg.kind in (LOAD, UNLOAD):
+        if msg.kind in (LOAD, UNLOAD, REBALANCE):
             return self._model_op(msg)
         if msg.kind == "health":
             self._check_health(recover=False)
@@ -234,11 +234,18 @@ class SchedulerLoop:
         try:
             if msg.kind == LOAD:
                 name = live.begin_load(msg.args)
+            elif msg.kind == REBALANCE:
+                name = live.begin_rebalance(msg.args)
             else:
                 name, ended = live.begin_unload(msg.args)
         except ModelOpError as e:
             self.transport.send(ControlResult(msg.cid, {"error": e.message,
                                                         "status": e.status}))
+            return None
+        if name is None:  # a rebalance with nothing to move
+            self.transport.send(ControlResult(msg.cid, {"seconds": 0.0, "models": {},
+                                                        "ffn_bytes_per_server":
+                                                            self.core.ffn.server_bytes()}))
             return None
         self._model_ops[(msg.kind, name)] = msg.cid
         return BatchOutput([self._update(s) for s in ended])

@@ -97,7 +97,7 @@ class _LinkBase:
                 return None
 
 
-_MODEL_REPLIES = (m.Loaded, m.LoadFailed, m.Unloaded)
+_MODEL_REPLIES = (m.Loaded, m.LoadFailed, m.Unloaded, m.Swapped)
 
 
 class ShmLink(_LinkBase):

@@ -88,6 +88,8 @@ class LoadModel:
     experts: tuple[int, ...]
     with_shared: bool
     load_format: str = "auto"
+    # /rebalance: keep the loaded share aside (the model keeps its current one) until Swap
+    stage: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,23 @@ class LoadFailed:
     server_id: int
     name: str
     message: str
+
+
+@dataclass(frozen=True)
+class Swap:
+    """/rebalance: serve model `name` from its staged share from now on (`keep`), or drop the
+    staged share; answered by Swapped. Sent between steps: every Forward before it used the
+    old share, every one after it uses the new."""
+
+    name: str
+    keep: bool = True
+
+
+@dataclass(frozen=True)
+class Swapped:
+    server_id: int
+    name: str
+    ffn_bytes: int  # the server's FFN bytes in all, after
 
 
 @dataclass(frozen=True)

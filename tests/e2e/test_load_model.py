@@ -5,7 +5,8 @@ While another model streams without pause, a model is loaded, serves the tokens 
 served from start-up, and is unloaded: none of the other model's requests fails or changes, and
 the KV pages and weight bytes are back to their earlier values. An unload lets requests in flight
 finish while new ones get 404 at once; with force it ends them with an error. A model too large
-for the free memory is refused with 507 and nothing changes.
+for the free memory is refused with 507 and nothing changes. In crosspool, /rebalance moves a
+model's experts between the FFN servers while it streams, its tokens unchanged.
 """
 
 from __future__ import annotations
@@ -199,5 +200,29 @@ def test_refusals(live, model_paths, tmp_path):
     assert live.post("/load_model", json={"model_path": str(tmp_path / "none")}
                      ).status_code == 400
     assert live.post("/unload_model", json={"served_model_name": "nope"}).status_code == 404
-    assert live.post("/rebalance", json={}).status_code == 501
+    bad = live.post("/rebalance", json={"placement": {"qwen-a": [[0]]}})  # not every expert
+    assert bad.status_code in (400, 501)  # 501: monolithic has no FFN servers
     assert footprint(live) == before
+
+
+def test_rebalance_moves_experts_while_the_model_streams(live):
+    expected = generate(live, "qwen-a").json()["output_ids"]
+    before = live.internal_state()["workers"][0]["ffn_bytes_per_server"]
+    all_here = {"placement": {"qwen-a": [[], list(range(8))]}}  # tiny qwen3_moe: 8 experts
+    if len(before) == 1:  # monolithic: no FFN servers to move experts between
+        assert live.post("/rebalance", json=all_here).status_code == 501
+        return
+    traffic = Traffic(live, "qwen-a")
+    time.sleep(0.3)
+    r = live.post("/rebalance", json=all_here)
+    assert r.status_code == 200, r.text
+    assert r.json()["models"]["qwen-a"]["moved_experts"] == 4
+    moved = live.internal_state()["workers"][0]["ffn_bytes_per_server"]
+    assert sum(moved) == sum(before) and moved[0] < before[0]
+    time.sleep(0.3)
+    r = live.post("/rebalance", json={})  # spread evenly again
+    assert r.status_code == 200 and r.json()["models"]["qwen-a"]["moved_experts"] == 4
+    time.sleep(0.3)
+    traffic.stop()
+    assert live.internal_state()["workers"][0]["ffn_bytes_per_server"] == before
+    assert traffic.results and all(result == (200, expected) for result in traffic.results)

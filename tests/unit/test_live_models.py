@@ -13,7 +13,7 @@ import pytest
 
 from sglang_crosspool import Engine
 from sglang_crosspool.engine.core import UnknownModel
-from sglang_crosspool.engine.live_models import ModelOpError
+from sglang_crosspool.engine.live_models import ModelOpError, even_shares
 from sglang_crosspool.engine.request import EngineRequest
 from sglang_crosspool.engine.sampling_params import SamplingParams
 from sglang_crosspool.testing.checkpoints import make_config_only
@@ -81,6 +81,44 @@ def test_load_serve_unload_leaves_the_engine_as_it_was(tiny_models, expected_b, 
     engine.load_model(tiny_models["mixtral"], "b")
     assert outputs(engine, "b") == expected_b
     engine.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["crosspool-local", "crosspool-dist"])
+def test_rebalance_moves_experts_while_the_tokens_stay(tiny_models, mode):
+    engine = Engine([tiny_models["qwen3_moe"], tiny_models["mixtral"]],
+                    served_model_name=["a", "b"], **SMALL, **MODES[mode])
+    expected = {m: outputs(engine, m) for m in "ab"}
+    ffn = engine.core.ffn
+    even = ffn.shares("a")
+    assert sorted(map(len, even)) == [4, 4]  # qwen3_moe tiny: 8 experts
+    before = engine.stats()["ffn_bytes_per_server"]
+    moved = engine.rebalance({"a": [[], list(range(8))]})
+    assert moved["models"]["a"]["moved_experts"] == 4
+    assert ffn.shares("a") == [[], list(range(8))]
+    after = engine.stats()["ffn_bytes_per_server"]
+    assert sum(after) == sum(before) and after[0] < before[0] and after[1] > before[1]
+    assert {m: outputs(engine, m) for m in "ab"} == expected
+    moved = engine.rebalance()  # spread evenly again, moving as few as can be
+    assert moved["models"]["a"]["moved_experts"] == 4
+    assert sorted(map(len, ffn.shares("a"))) == [4, 4]
+    assert engine.stats()["ffn_bytes_per_server"] == before
+    assert {m: outputs(engine, m) for m in "ab"} == expected
+    assert engine.rebalance() == {"models": {}}  # nothing left to move
+    for placement, status in (({"a": [[0], [1]]}, 400), ({"zz": [[0], [1]]}, 404),
+                              ([1, 2], 400)):
+        with pytest.raises(ModelOpError) as e:
+            engine.rebalance(placement)
+        assert e.value.status == status
+    assert engine.stats()["live_models"]["rebalances"] == 2
+    engine.shutdown()
+
+
+def test_even_shares_moves_as_few_experts_as_it_can():
+    # Server 0 keeps 2 of its 5, server 1 keeps its one; the 3 spare go where room is.
+    assert even_shares([[0, 1, 2, 3, 4], [5], []]) == [[0, 1], [2, 5], [3, 4]]
+    assert even_shares([[0, 2], [1, 3]]) == [[0, 2], [1, 3]]
+    # 3 over 4 servers: the one holding all keeps one, no server gets two.
+    assert even_shares([[0, 1, 2], [], [], []]) == [[0], [1], [2], []]
 
 
 def _start(core, rid: str, model: str, tokens: int):
