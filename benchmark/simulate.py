@@ -1,36 +1,37 @@
 """A discrete-event simulator of the serving engine: a trace replayed against a plan, per pool mode,
 with step costs measured on the GPU (`benchmark/sim_costs.py`) and the scheduler's own code.
 
-In: a plan (`python -m sglang_crosspool.plan ... --out plan.json`), a trace (benchmark/trace.py's
+In: a plan (`python -m sglang_crosspool.plan ... --out plan.json`), traces (benchmark/trace.py's
 JSONL), the engine's limits (max running requests, chunked prefill size, the CUDA graphs'
 largest batch) and an SLO. Out: per pool mode the runner's summary (`benchmark.stats`: TTFT
 and time-between-tokens percentiles, goodput under the SLO, rejections), preemptions
 (retractions), KV pages in use over time and at peak, and each attention worker's busy time.
 
 How the engine is mirrored:
-- Attention workers come from the plan: devices that a model's attention spans are joined
-  (union-find), so `monolithic` (packed) is one worker per GPU, `static` one per group of GPUs
-  that its models share, `crosspool` one over the KV-pool GPUs. Each worker owns one
-  `crosspool_scheduler.GlobalScheduler` (admission, chunked prefill, round-robin over its
+- Attention workers come from the plan (`benchmark/sim_layout.py`); each owns one
+  `crosspool_scheduler.GlobalScheduler` (admission, chunked prefill, round robin over its
   models, retraction of the newest request when pages run out: the real policy, not a copy)
-  over a `SimKV` that keeps the plan's page budget per GPU and block layout per model
-  (`static`: each model's slice as a quota).
+  over `SimKV`, the plan's page budgets; optionally its `PrefixCache` too.
 - A worker runs one step at a time: `schedule()` -> the step's cost -> `advance()`, sample one
   token per completed sequence, finish requests (as `EngineCore._run_batches` with one
-  micro-batch). Workers run in parallel with each other.
+  micro-batch). Workers run in parallel with each other. Requests of one instant all reach
+  the scheduler before an idle worker schedules.
 - A model with data-parallel replicas is one scheduler entry per replica (`name#r`); a request
   goes to the replica with the fewest requests, as the worker router does.
-- Requests whose prompt reaches the model's context are refused (400), the output is cut to
+- Requests whose prompt reaches the model's context are refused (400) and the output is cut to
   the context (as the engine does); requests the plan does not serve, or whose KV could never
   fit (`RequestTooLarge`), are refused too.
+- Several traces or loads replay one after another on one server per mode
+  (`simulate_sequence`), as `fleet_gpu_run.py` does: KV and prefix caches carry over.
 
-NOTE: what is not modelled: the HTTP/tokenizer path (requests reach the scheduler at their
-trace time), the layer-wise pipeline with two micro-batches (steps are mb1, the default),
-contention between crosspool workers for the weights pool, CUDA-graph capture, and the prefix
-cache (trace prompts share nothing).
+NOTE: not modelled: the HTTP/tokenizer path (requests reach the scheduler at their trace
+time), the layer-wise pipeline with two micro-batches and `--pipeline-models` (steps are one
+model's batch), contention between crosspool workers for the weights pool, CUDA-graph capture
+and warm-up.
 
     python -m benchmark.simulate run --plan plan.json --trace trace.jsonl --out sim.json
-    python -m benchmark.simulate fit    # refits sim_costs.STEP_OVERHEAD_S, PREFILL_FLOPS_PER_S
+    python -m benchmark.simulate fit     # refits sim_costs.STEP_OVERHEAD_S, PREFILL_FLOPS_PER_S
+    python -m benchmark.simulate table benchmark/results/simulate
 """
 
 from __future__ import annotations
@@ -47,196 +48,17 @@ for p in (REPO, REPO / "scheduler"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from crosspool_scheduler import (
-    GlobalScheduler,
-    RequestTooLarge,
-    SchedReq,
-    SchedulerLimits,
-)
+from crosspool_scheduler import PrefixCache, RequestTooLarge, SchedReq, SchedulerLimits
 
 from benchmark import sim_costs, stats
-from benchmark.sim_costs import CostModel, Placement, Shape, StepBatch
-from benchmark.trace import clamp, read_trace
+from benchmark.sim_costs import CostModel, StepBatch
+from benchmark.sim_layout import Layout, SimKV, Worker, build_layout
+from benchmark.trace import clamp, prompt_ids, read_trace
+
+__all__ = ["Layout", "PrefixCache", "SimKV", "Worker", "build_layout", "replay", "simulate",
+           "simulate_sequence", "summarize"]
 
 MODES = ("static", "monolithic", "crosspool")
-
-
-# -- KV accounting ------------------------------------------------------------------------------
-
-
-@dataclass
-class _Key:
-    devices: tuple[int, ...]
-    block_tokens: int
-    pages_per_block: int  # on each of its devices
-    virtual_blocks: int
-    quota_pages: int | None = None  # static: the model's slice on each device
-    blocks: int = 0
-
-
-class SimKV:
-    """The scheduler's `KVAllocator` over page budgets per GPU, without memory behind it.
-
-    A block of a key maps `pages_per_block` pages on every GPU of the key's replica (TP ranks
-    each hold their heads' share). Counts pages mapped and unmapped, for the VMM cost."""
-
-    def __init__(self, budgets: dict[int, int]):
-        self.budget = dict(budgets)
-        self.used = {d: 0 for d in budgets}
-        self.keys: dict[str, _Key] = {}
-        self.mapped = 0  # pages mapped since the last `take_counts`
-        self.unmapped = 0
-        self._next = 0
-
-    def add(self, key: str, devices: tuple[int, ...], block_tokens: int, pages_per_block: int,
-            virtual_blocks: int, quota_pages: int | None = None) -> None:
-        self.keys[key] = _Key(devices, block_tokens, pages_per_block, virtual_blocks,
-                              quota_pages)
-
-    def block_tokens(self, model: str) -> int:
-        return self.keys[model].block_tokens
-
-    def pages_per_block(self, model: str) -> int:
-        return self.keys[model].pages_per_block
-
-    def max_blocks(self, model: str) -> int:
-        k = self.keys[model]
-        pages = min(self.budget[d] for d in k.devices)
-        if k.quota_pages is not None:
-            pages = min(pages, k.quota_pages)
-        return min(k.virtual_blocks, pages // k.pages_per_block)
-
-    def can_alloc(self, model: str, n: int) -> bool:
-        k = self.keys[model]
-        pages = n * k.pages_per_block
-        if k.quota_pages is not None and (k.blocks * k.pages_per_block + pages) > k.quota_pages:
-            return False
-        if k.blocks + n > k.virtual_blocks:
-            return False
-        return all(self.used[d] + pages <= self.budget[d] for d in k.devices)
-
-    def alloc_blocks(self, model: str, n: int) -> list[int] | None:
-        if not self.can_alloc(model, n):
-            return None
-        k = self.keys[model]
-        k.blocks += n
-        for d in k.devices:
-            self.used[d] += n * k.pages_per_block
-        self.mapped += n * k.pages_per_block * len(k.devices)
-        self._next += n
-        return list(range(self._next - n, self._next))
-
-    def free_blocks(self, model: str, blocks: list[int]) -> None:
-        k = self.keys[model]
-        k.blocks -= len(blocks)
-        for d in k.devices:
-            self.used[d] -= len(blocks) * k.pages_per_block
-        self.unmapped += len(blocks) * k.pages_per_block * len(k.devices)
-
-    def retain(self, model: str, blocks: list[int]) -> None:  # no prefix cache here
-        raise NotImplementedError("the simulator runs without a prefix cache")
-
-    @property
-    def free_pages(self) -> int:
-        return sum(self.budget.values()) - sum(self.used.values())
-
-    @property
-    def used_pages(self) -> int:
-        return sum(self.used.values())
-
-    def take_counts(self) -> tuple[int, int]:
-        """Pages mapped and unmapped since the last call (per GPU: the busiest one's share)."""
-        n = max(1, len(self.budget))
-        out = (self.mapped // n, self.unmapped // n)
-        self.mapped = self.unmapped = 0
-        return out
-
-
-# -- workers and the layout a plan gives each mode ----------------------------------------------
-
-
-@dataclass
-class Worker:
-    """One attention worker: its GPUs, scheduler and the models (keys) it runs."""
-
-    name: str
-    devices: tuple[int, ...]
-    kv: SimKV
-    sched: GlobalScheduler | None = None
-    keys: dict[str, tuple[Shape, Placement]] = field(default_factory=dict)
-    busy: bool = False
-    busy_s: float = 0.0
-    steps: int = 0
-
-
-@dataclass
-class Layout:
-    mode: str
-    workers: list[Worker]
-    replicas: dict[str, list[tuple[Worker, str]]]  # served model -> (worker, key) per replica
-    context: dict[str, int]  # served model -> context length
-
-
-def build_layout(plan, mode: str, limits: SchedulerLimits, gpus_per_node: int | None = None
-                 ) -> Layout:
-    mp = plan.mode(mode)
-    per_node = gpus_per_node or plan.inputs.devices
-    node = {d: d // per_node for d in range(plan.inputs.devices)}
-    pages = {d.index: int(d.kv_pages) for d in mp.devices}
-    keys = []  # (key, model, devices, tp, row)
-    for row in mp.models:
-        if not row.fits:
-            continue
-        devs = list(row.devices)
-        reps = row.parallel.replica_devices()
-        for r, span in enumerate(reps):
-            key = row.name if len(reps) == 1 else f"{row.name}#{r}"
-            keys.append((key, row.name, tuple(devs[i] for i in span), row.parallel.replicas[r],
-                         row))
-    parent = {d: d for d in pages}
-
-    def find(d):
-        while parent[d] != d:
-            parent[d] = parent[parent[d]]
-            d = parent[d]
-        return d
-
-    for _, _, devs, _, _ in keys:
-        for d in devs[1:]:
-            parent[find(d)] = find(devs[0])
-    groups: dict[int, list[int]] = {}
-    for _, _, devs, _, _ in keys:
-        for d in devs:
-            groups.setdefault(find(d), [])
-            if d not in groups[find(d)]:
-                groups[find(d)].append(d)
-    workers = {root: Worker(f"{mode}-gpu{'+'.join(map(str, sorted(ds)))}", tuple(sorted(ds)),
-                            SimKV({d: pages[d] for d in ds})) for root, ds in groups.items()}
-    info = {m.name: m for m in plan.models}
-    replicas: dict[str, list[tuple[Worker, str]]] = {}
-    for key, name, devs, tp, row in keys:
-        w = workers[find(devs[0])]
-        virtual = -(-info[name].max_position_embeddings * limits.max_running_requests
-                    // int(row.block_tokens))
-        quota = int(row.kv_pages) if mode == "static" else None
-        w.kv.add(key, devs, int(row.block_tokens), int(row.pages_per_block), virtual, quota)
-        w.keys[key] = (Shape.from_info(info[name]), _placement(mp, name, devs, tp, node))
-        replicas.setdefault(name, []).append((w, key))
-    for w in workers.values():
-        w.sched = GlobalScheduler(w.kv, list(w.keys), limits)
-    context = {name: info[name].max_position_embeddings for name in replicas}
-    return Layout(mode, list(workers.values()), replicas, context)
-
-
-def _placement(mp, name: str, devs: tuple[int, ...], tp: int, node: dict[int, int]) -> Placement:
-    if mp.mode != "crosspool" or mp.placement is None:
-        return Placement(tp=tp)
-    m = mp.placement.model(name)
-    servers = {s for s, ids in enumerate(m.experts) if ids}
-    servers |= {s for s in (m.shared_server, m.dense_server) if s is not None}
-    ffn_devs = {mp.placement.servers[s].device for s in servers}
-    inter = any(node[f] != node[d] for f in ffn_devs for d in devs)
-    return Placement(tp=tp, crosspool=True, ffn_servers=max(1, len(servers)), inter_node=inter)
 
 
 # -- the replay ---------------------------------------------------------------------------------
@@ -253,6 +75,9 @@ class _Req:
     status: int = 200
 
 
+VOCAB = 32_000  # prompt ids (benchmark.trace.prompt_ids) only need to match across replays
+
+
 def simulate(plan, mode: str, trace: list[dict], cost: CostModel, limits: SchedulerLimits,
              gpus_per_node: int | None = None, clamp_context: bool = False,
              kv_samples: int = 400) -> dict:
@@ -260,11 +85,31 @@ def simulate(plan, mode: str, trace: list[dict], cost: CostModel, limits: Schedu
                   kv_samples)
 
 
+def simulate_sequence(plan, mode: str, replays: list[tuple[str, list[dict]]], cost: CostModel,
+                      limits: SchedulerLimits, gpus_per_node: int | None = None,
+                      clamp_context: bool = False, prefix_cache: bool = False,
+                      gap_s: float = 5.0) -> dict[str, dict]:
+    """Several replays one after another on one server (as fleet_gpu_run replays its traces
+    and loads on one server per mode): KV and the prefix cache carry over between them."""
+    layout = build_layout(plan, mode, limits, gpus_per_node, prefix_cache)
+    out, offset = {}, 0.0
+    for label, trace in replays:
+        shifted = [dict(r, t=r["t"] + offset) for r in trace]
+        res = replay(layout, shifted, cost, clamp_context, tag=f"{label}/")
+        out[label] = res
+        offset = res["end"] + gap_s
+    return out
+
+
 def replay(layout: Layout, trace: list[dict], cost, clamp_context: bool = False,
-           kv_samples: int = 400) -> dict:
+           kv_samples: int = 400, tag: str = "") -> dict:
     """Runs the trace through the layout's workers. `cost` needs `step(shape, StepBatch,
-    Placement)` and `vmm(mapped_pages, unmapped_pages)`, in seconds."""
+    Placement)` and `vmm(mapped_pages, unmapped_pages)`, in seconds. With prefix caches in the
+    layout, prompts are real token ids (`benchmark.trace.prompt_ids`), so a replayed prompt
+    hits the cache."""
     reqs = [_Req(r, arrival=float(r["t"])) for r in sorted(trace, key=lambda r: (r["t"], r["id"]))]
+    cached = any(w.sched.cache is not None for w in layout.workers)
+    base = {w.name: (w.busy_s, w.steps, w.sched.num_retractions) for w in layout.workers}
     events: list[tuple[float, int, int]] = []  # (time, order, worker index) of step ends
     order = 0
     now = 0.0
@@ -289,7 +134,7 @@ def replay(layout: Layout, trace: list[dict], cost, clamp_context: bool = False,
         running[wi] = (now + dur, batch)
         heapq.heappush(events, (now + dur, order, wi))
         order += 1
-        timeline.append((now, sum(x.kv.used_pages for x in layout.workers)))
+        timeline.append((now, _pages_in_use(layout)))
 
     def arrive(r: _Req) -> None:
         rec = r.rec
@@ -307,7 +152,8 @@ def replay(layout: Layout, trace: list[dict], cost, clamp_context: bool = False,
         output = max(1, min(output, ctx - prompt))
         w, key = min(reps, key=lambda wk: sum(1 for q in wk[0].sched.requests.values()
                                                if q.model == wk[1]))
-        sr = SchedReq(str(rec["id"]), key, [0] * prompt, output)
+        ids = prompt_ids(dict(rec, prompt_len=prompt), VOCAB) if cached else [0] * prompt
+        sr = SchedReq(f"{tag}{rec['id']}", key, ids, output)
         try:
             w.sched.add(sr)
         except RequestTooLarge:
@@ -343,10 +189,21 @@ def replay(layout: Layout, trace: list[dict], cost, clamp_context: bool = False,
                 w.sched.finish(sr)
                 r.done = True
         start(wi)
-    return _result(layout, reqs, timeline, kv_samples)
+    return _result(layout, reqs, timeline, kv_samples, base)
 
 
-def _result(layout: Layout, reqs: list[_Req], timeline, kv_samples: int) -> dict:
+def _pages_in_use(layout: Layout) -> int:
+    """Pages requests hold; cached pages nobody uses count as free, as the server counts."""
+    used = 0
+    for w in layout.workers:
+        used += w.kv.used_pages
+        if w.sched.cache is not None:
+            used -= sum(t.evictable_blocks * w.kv.pages_per_block(m) * len(w.kv.keys[m].devices)
+                        for m, t in w.sched.cache.trees.items())
+    return used
+
+
+def _result(layout: Layout, reqs: list[_Req], timeline, kv_samples: int, base: dict) -> dict:
     records = []
     for r in reqs:
         ok = bool(r.tokens) and r.status == 200 and r.sched is not None and \
@@ -359,13 +216,17 @@ def _result(layout: Layout, reqs: list[_Req], timeline, kv_samples: int) -> dict
             "prompt_tokens": r.rec["prompt_len"] if r.sched is None else len(r.sched.prompt_ids),
             "completion_tokens": len(r.tokens),
             "retractions": r.sched.retractions if r.sched else 0,
+            "cached_tokens": r.sched.cached_tokens if r.sched else 0,
         })
     start = min((r.arrival for r in reqs), default=0.0)
     end = max((r.tokens[-1] for r in reqs if r.tokens), default=start)
-    return {"records": records, "duration": end - start, "timeline": _thin(timeline, kv_samples),
+    return {"records": records, "duration": end - start, "end": end,
+            "timeline": _thin(timeline, kv_samples),
             "workers": [{"name": w.name, "devices": list(w.devices), "models": list(w.keys),
-                         "kv_pages": w.kv.budget, "steps": w.steps, "busy_s": w.busy_s,
-                         "retractions": w.sched.num_retractions} for w in layout.workers],
+                         "kv_pages": w.kv.budget, "steps": w.steps - base[w.name][1],
+                         "busy_s": w.busy_s - base[w.name][0],
+                         "retractions": w.sched.num_retractions - base[w.name][2]}
+                        for w in layout.workers],
             "kv_pages_total": sum(sum(w.kv.budget.values()) for w in layout.workers),
             "kv_pages_peak": max((u for _, u in timeline), default=0)}
 
@@ -389,6 +250,14 @@ def summarize(result: dict, slo_ttft: float | None, slo_tbt: float | None) -> di
 # -- command line -------------------------------------------------------------------------------
 
 
+def _entry(res: dict, slo_ttft, slo_tbt, keep_records: bool) -> dict:
+    entry = {"summary": summarize(res, slo_ttft, slo_tbt), "workers": res["workers"],
+             "kv_pages_timeline": res["timeline"]}
+    if keep_records:
+        entry["records"] = res["records"]
+    return entry
+
+
 def run_modes(plan, trace, cost, limits, modes, slo_ttft, slo_tbt, gpus_per_node=None,
               clamp_context=False, keep_records=False) -> dict:
     out = {}
@@ -397,11 +266,7 @@ def run_modes(plan, trace, cost, limits, modes, slo_ttft, slo_tbt, gpus_per_node
             out[mode] = {"error": "the plan serves no model in this mode"}
             continue
         res = simulate(plan, mode, trace, cost, limits, gpus_per_node, clamp_context)
-        entry = {"summary": summarize(res, slo_ttft, slo_tbt), "workers": res["workers"],
-                 "kv_pages_timeline": res["timeline"]}
-        if keep_records:
-            entry["records"] = res["records"]
-        out[mode] = entry
+        out[mode] = _entry(res, slo_ttft, slo_tbt, keep_records)
     return out
 
 
@@ -423,38 +288,65 @@ def map_models(trace: list[dict], names: list[str]) -> list[dict]:
     return [dict(rec, model=target[rec["model"]]) for rec in trace]
 
 
+def _traces(args, plan) -> list[tuple[str, list[dict]]]:
+    """(label, trace) per replay: each --trace at each of --loads (arrivals / load), or each
+    --trace once at --time-scale."""
+    out = []
+    for path in args.trace:
+        trace = read_trace(path)
+        if args.map_models:
+            trace = map_models(trace, [m.name for m in plan.models])
+        if args.loads:
+            for load in (float(x) for x in args.loads.split(",")):
+                out.append((f"{Path(path).stem}@{load:g}",
+                            [dict(r, t=r["t"] / load) for r in trace]))
+        else:
+            out.append((Path(path).stem, [dict(r, t=r["t"] * args.time_scale) for r in trace]))
+    return out
+
+
 def cmd_run(args) -> int:
     from sglang_crosspool.planner import load_plan
 
     plan = load_plan(args.plan)
-    trace = read_trace(args.trace)
-    if args.map_models:
-        trace = map_models(trace, [m.name for m in plan.models])
-    if args.time_scale != 1.0:
-        trace = [dict(r, t=r["t"] * args.time_scale) for r in trace]
+    replays = _traces(args, plan)
     limits = SchedulerLimits(args.max_running_requests, args.chunked_prefill_size)
     cost = _cost(args)
-    modes = args.modes.split(",")
-    result = {"command": " ".join(sys.argv), "plan": str(args.plan), "trace": str(args.trace),
+    slo = (args.slo_ttft, args.slo_tbt)
+    modes: dict[str, dict] = {}
+    for mode in args.modes.split(","):
+        if not plan.mode(mode).served:
+            modes[mode] = {"error": "the plan serves no model in this mode"}
+        elif len(replays) == 1 and not args.prefix_cache:
+            res = simulate(plan, mode, replays[0][1], cost, limits, args.gpus_per_node,
+                           args.clamp)
+            modes[mode] = _entry(res, *slo, args.records)
+        else:  # one server per mode, the replays one after another
+            runs = simulate_sequence(plan, mode, replays, cost, limits, args.gpus_per_node,
+                                     args.clamp, args.prefix_cache)
+            modes[mode] = {"replays": {label: _entry(res, *slo, args.records)
+                                       for label, res in runs.items()}}
+    result = {"command": " ".join(sys.argv), "plan": str(args.plan), "trace": args.trace,
               "limits": vars(limits), "slo": {"ttft_s": args.slo_ttft, "tbt_s": args.slo_tbt},
               "gpus_per_node": args.gpus_per_node, "clamp_context": args.clamp,
-              "time_scale": args.time_scale, "map_models": args.map_models,
-              "coefficients": cost.coefficients(),
-              "modes": run_modes(plan, trace, cost, limits, modes, args.slo_ttft, args.slo_tbt,
-                                 args.gpus_per_node, args.clamp, args.records)}
+              "time_scale": args.time_scale, "loads": args.loads, "map_models": args.map_models,
+              "prefix_cache": args.prefix_cache, "coefficients": cost.coefficients(),
+              "modes": modes}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    for mode, entry in result["modes"].items():
-        s = entry.get("summary")
-        if s is None:
+    for mode, entry in modes.items():
+        if "error" in entry:
             print(f"{mode:10s} {entry['error']}")
             continue
-        print(f"{mode:10s} done {s['completed']}/{s['sent']} rejected {s['rejected']} "
-              f"TTFT p50/p99 {_f(s['ttft_p50'])}/{_f(s['ttft_p99'])} s  "
-              f"TBT p50/p99 {_f(s['tbt_p50'], 1e3)}/{_f(s['tbt_p99'], 1e3)} ms  "
-              f"preempted {s['preempted']} goodput {_f(s['goodput_fraction'])} "
-              f"KV peak {s['kv_pages_peak']}/{s['kv_pages_total']} pages")
+        for label, e in (entry["replays"].items() if "replays" in entry else [("", entry)]):
+            s = e["summary"]
+            print(f"{mode:10s} {label + ' ' if label else ''}done {s['completed']}/{s['sent']} "
+                  f"rejected {s['rejected']} "
+                  f"TTFT p50/p99 {_f(s['ttft_p50'])}/{_f(s['ttft_p99'])} s  "
+                  f"TBT p50/p99 {_f(s['tbt_p50'], 1e3)}/{_f(s['tbt_p99'], 1e3)} ms  "
+                  f"preempted {s['preempted']} goodput {_f(s['goodput_fraction'])} "
+                  f"KV peak {s['kv_pages_peak']}/{s['kv_pages_total']} pages")
     return 0
 
 
@@ -518,23 +410,25 @@ def cmd_table(args) -> int:
                 print(f"| {path.stem.removeprefix('validate-')} | {key} ({unit}) | {want:.4g} | "
                       f"{got:.4g} | {got / want - 1:+.0%} |")
     headline = sim_costs.RESULTS / "headline-2xh200-partial" / "summary.json"
-    runs = sorted(folder.glob("validate-headline-*.json"))
-    if runs and headline.exists():
+    path = folder / "validate-headline.json"
+    if path.exists() and headline.exists():
         measured = json.loads(headline.read_text())
-        print("\n| trace @ load | mode | TTFT p50 s | TTFT p99 s | TBT p50 ms | TBT p99 ms |\n"
-              "| --- | --- | ---: | ---: | ---: | ---: |")
-        for path in runs:
-            trace, load = path.stem.removeprefix("validate-headline-").rsplit("-load", 1)
-            d = json.loads(path.read_text())
-            for mode, entry in d["modes"].items():
-                want = measured[mode]["traces"][f"{trace}@{load}"]["summary"]
-                got = entry["summary"]
-                cells = []
-                for key, scale in (("ttft_p50", 1), ("ttft_p99", 1), ("tbt_p50", 1e3),
-                                   ("tbt_p99", 1e3)):
-                    cells.append(f"{want[key] * scale:.3g} / {got[key] * scale:.3g} "
-                                 f"({got[key] / want[key] - 1:+.0%})")
-                print(f"| {trace} @ {load} | {mode} | " + " | ".join(cells) + " |")
+        print("\n| trace @ load | mode | TTFT p50 s | TTFT p99 s | TBT p50 ms | TBT p99 ms | "
+              "KV pages peak |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        rows = []
+        for mode, entry in json.loads(path.read_text())["modes"].items():
+            for label, e in entry["replays"].items():
+                rows.append((label, MODES.index(mode), mode, e["summary"],
+                             measured[mode]["traces"][label]["summary"]))
+        for label, _, mode, got, want in sorted(rows):
+            cells = []
+            for key, scale in (("ttft_p50", 1), ("ttft_p99", 1), ("tbt_p50", 1e3),
+                               ("tbt_p99", 1e3), ("kv_pages_used_max", 1)):
+                g = got["kv_pages_peak" if key == "kv_pages_used_max" else key] * scale
+                w = want[key] * scale
+                fmt = ",.0f" if key == "kv_pages_used_max" else ".3g"
+                cells.append(f"{w:{fmt}} / {g:{fmt}} ({g / w - 1:+.0%})")
+            print(f"| {label.replace('@', ' @ ')} | {mode} | " + " | ".join(cells) + " |")
     print("\n| setting | trace | req/s | mode | done/sent | rejected | TTFT p50 / p99 s | "
           "TBT p50 / p99 ms | preempted | goodput | KV pages peak / total |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -563,7 +457,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="replay a trace against a plan, every pool mode")
     r.add_argument("--plan", required=True)
-    r.add_argument("--trace", required=True)
+    r.add_argument("--trace", required=True, action="append",
+                   help="JSONL trace; repeat to replay several one after another")
     r.add_argument("--modes", default=",".join(MODES))
     r.add_argument("--out")
     r.add_argument("--max-running-requests", type=int, default=32, help="per attention worker")
@@ -577,6 +472,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--clamp", action="store_true",
                    help="clamp each request's lengths to its model's context (trace.clamp)")
     r.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times")
+    r.add_argument("--loads", help="replay each trace at these loads (arrival-rate "
+                   "multipliers, e.g. 1,3), one after another on one server per mode")
+    r.add_argument("--prefix-cache", action="store_true",
+                   help="per worker the scheduler's PrefixCache, prompts as real token ids")
     r.add_argument("--map-models", action="store_true",
                    help="map the trace's models onto the plan's by popularity (fleet_gpu_run)")
     r.add_argument("--slo-ttft", type=float, default=2.0)

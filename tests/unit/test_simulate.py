@@ -75,6 +75,28 @@ def test_preemption_when_kv_runs_out_and_everything_completes():
     assert layout.workers[0].kv.used_pages == 0  # everything freed at the end
 
 
+class TokenCost(FixedCost):
+    """A step costs 1 ms per token computed (so a cached prefix saves time)."""
+
+    def step(self, shape, batch, place) -> float:
+        return 1e-3 * sum(batch.tokens)
+
+
+def test_a_replayed_prompt_hits_the_prefix_cache():
+    layout = one_worker(100)
+    for w in layout.workers:
+        w.sched = GlobalScheduler(w.kv, ["a"], SchedulerLimits(8, 512),
+                                  cache=simulate.PrefixCache(w.kv, ["a"]))
+    trace = [dict(rec(0, 0.0, 40, 2), prompt_seed=7)]
+    first = simulate.replay(layout, trace, TokenCost(0, 0), tag="one/")
+    again = simulate.replay(layout, [dict(trace[0], t=10.0)], TokenCost(0, 0), tag="two/")
+    assert first["records"][0]["cached_tokens"] == 0
+    assert again["records"][0]["cached_tokens"] == 36  # whole 4-token blocks, not the last token
+    assert first["records"][0]["ttft"] == pytest.approx(0.040)
+    assert again["records"][0]["ttft"] == pytest.approx(0.004)
+    assert simulate._pages_in_use(layout) == 0  # cached pages left are evictable: free
+
+
 def test_refusals_too_long_and_unknown_model():
     trace = [rec(0, 0.0, 20_000, 4), dict(rec(1, 0.0, 4, 4), model="nope"), rec(2, 0.0, 4, 2)]
     res = simulate.replay(one_worker(100), trace, FixedCost(0.01, 0.1))
