@@ -9,7 +9,8 @@ and per mode `<mode>/server.log` and `<mode>/result.json`: start-up seconds, the
 results (every model's requests, TTFT and time between tokens), `GET /plan` (per GPU the
 planned weight bytes and KV pages beside what the workers and FFN servers report), the
 device's used bytes from nvidia-smi before and after start-up, `/metrics` per-GPU gauges,
-and each trace replay's summary; `summary.json` gathers the per-GPU comparisons.
+and each trace replay's summary (the prefix cache is flushed before each replay, so that
+every load computes its prompts afresh); `summary.json` gathers the per-GPU comparisons.
 
     python benchmark/fleet_gpu_run.py --out /tmp/fleet --modes monolithic,crosspool
 
@@ -67,6 +68,22 @@ def get_json(url: str, timeout: float = 60) -> dict:
 def get_text(url: str, timeout: float = 60) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
+
+
+def flush_cache(url: str, timeout: float = 120.0) -> bool:
+    """Empties the server's prefix cache before a replay, so that a replay of the same trace
+    at another load computes its prompts again (the server refuses while requests run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url + "/flush_cache", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                if r.status == 200:
+                    return True
+        except OSError:  # 400 while requests run: wait for them
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def make_fleet(root: Path, fleet: str) -> dict[str, Path]:
@@ -192,6 +209,8 @@ def run_mode(mode: str, args, plan: Path, out: Path, paths: dict[str, Path],
             trace = Path(trace)
             mapped = mapped_trace(trace, folder / trace.name, paths)
             for load in (float(x) for x in (loads or args.loads).split(",")):
+                if not flush_cache(server.url):
+                    raise RuntimeError("the prefix cache could not be flushed before a replay")
                 replay = runner.run(server.url, mapped, time_scale=1.0 / load,
                                     slo_ttft=args.slo_ttft, slo_tbt=args.slo_tbt,
                                     timeout=args.request_timeout)
