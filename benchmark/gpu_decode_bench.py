@@ -261,13 +261,16 @@ def run_shape(shape: str, arch: str, layers: int, args, root: Path, bw: float) -
     hf = hf_reference(path, dtype=torch.bfloat16).to("cuda") if args.parity else None
     ctxs = [c for c in args.ctxs if c < spec.max_position_embeddings]
     report["contexts_skipped"] = [c for c in args.ctxs if c not in ctxs]
-    for backend in args.backends:
-        entry = report["backends"][backend] = {}
+    runs = [(backend, moe) for backend in args.backends for moe in args.moe_small_batch]
+    for backend, moe in runs:
+        # One key per backend; with several --moe-small-batch modes, one per backend and mode.
+        key = backend if len(args.moe_small_batch) == 1 else f"{backend}+moe-{moe}"
+        entry = report["backends"][key] = {"moe_small_batch": moe}
         try:
             engine = Engine(path, device="cuda", dtype="bfloat16", attention_backend=backend,
                             context_length=max(ctxs) + 64, max_running_requests=max(args.batches),
                             kv_budget_bytes=args.kv_gib << 30,
-                            cuda_graph_max_bs=max(args.batches))
+                            cuda_graph_max_bs=max(args.batches), moe_small_batch=moe)
         except Exception as e:  # e.g. a backend that does not import here
             entry["error"] = repr(e)
             continue
@@ -292,7 +295,7 @@ def run_shape(shape: str, arch: str, layers: int, args, root: Path, bw: float) -
                     row["graph_fraction_of_roofline"] = roof_ms / row["graph_ms"]
                     row["graph_speedup"] = row["eager_ms"] / row["graph_ms"]
                 steps.append(row)
-                print(shape, backend, json.dumps(row), flush=True)
+                print(shape, key, json.dumps(row), flush=True)
         entry["steps"] = steps
         entry["e2e_ms_per_token_bs1_ctx1k"] = {
             "graph": end_to_end(engine, spec.vocab_size, True),
@@ -317,8 +320,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kv-gib", type=int, default=40)
     p.add_argument("--no-parity", dest="parity", action="store_false")
+    p.add_argument("--moe-small-batch", default="auto",
+                   help="the engine's --moe-small-batch; several (e.g. auto,off) run each "
+                        "backend once per mode, for a before/after in one run")
     args = p.parse_args()
     args.backends = args.backends.split(",")
+    args.moe_small_batch = args.moe_small_batch.split(",")
     args.batches = [int(x) for x in args.batches.split(",")]
     args.ctxs = [int(x) for x in args.ctxs.split(",")]
     bw = measure_hbm_bandwidth()
@@ -345,14 +352,14 @@ def main() -> None:
 
 
 def summarize(report: dict) -> None:
-    print(f"\n{'shape':<20}{'backend':<11}{'B':>4}{'ctx':>7}{'eager ms':>10}{'graph ms':>10}"
+    print(f"\n{'shape':<20}{'backend':<20}{'B':>4}{'ctx':>7}{'eager ms':>10}{'graph ms':>10}"
           f"{'roof ms':>9}{'graph/roof':>11}{'speedup':>8}{'attn ms':>9}")
     for shape in report["shapes"]:
         for backend, entry in shape.get("backends", {}).items():
             for r in entry.get("steps", []):
                 if "eager_ms" not in r:
                     continue
-                print(f"{shape['shape']:<20}{backend:<11}{r['batch']:>4}{r['ctx']:>7}"
+                print(f"{shape['shape']:<20}{backend:<20}{r['batch']:>4}{r['ctx']:>7}"
                       f"{r['eager_ms']:>10.3f}{r.get('graph_ms', math.nan):>10.3f}"
                       f"{r['roofline_ms']:>9.3f}"
                       f"{r.get('graph_fraction_of_roofline', math.nan):>11.2f}"

@@ -27,6 +27,7 @@ from sglang_crosspool.options import (
     FFN_TRANSPORTS,
     GRAMMAR_BACKENDS,
     KV_PAGE_BACKENDS,
+    MOE_SMALL_BATCH,
     POOL_MODES,
 )
 
@@ -84,6 +85,9 @@ class EngineConfig:
     # Two models' decode batches pipelined in one step and one CUDA graph (crosspool p2p):
     # one's attention runs while the other's experts run; see engine/pair_graphs.py.
     pipeline_models: bool = False
+    # The small-batch MoE path at <= 8 tokens (--moe-small-batch): auto (CUDA) | on | off.
+    # NOTE: FFN server processes and models loaded while serving use `auto` for now.
+    moe_small_batch: str = "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -156,6 +160,7 @@ class EngineConfig:
         disable_radix_cache: bool = False,
         radix_cache_floor_pages: dict[str, int] | None = None,
         pipeline_models: bool = False,
+        moe_small_batch: str = "auto",
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -176,6 +181,7 @@ class EngineConfig:
         _choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         _choice("load_format", load_format, LOAD_FORMATS)
         _choice("grammar_backend", grammar_backend, GRAMMAR_BACKENDS)
+        _choice("moe_small_batch", moe_small_batch, MOE_SMALL_BATCH)
         attention_backend = _attention_backend(attention_backend, device, dtype, entries)
         for key, value in (("ffn_servers", ffn_servers),
                            ("pipeline_microbatches", pipeline_microbatches),
@@ -205,7 +211,7 @@ class EngineConfig:
                    grammar_jump_forward=grammar_jump_forward,
                    radix_cache=not disable_radix_cache,
                    radix_cache_floor_pages=_floors(radix_cache_floor_pages, names),
-                   pipeline_models=pipeline_models)
+                   pipeline_models=pipeline_models, moe_small_batch=moe_small_batch)
 
 
 def model_entry(path, name: str, context_length: int | None = None) -> ModelEntry:

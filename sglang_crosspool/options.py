@@ -10,3 +10,6 @@ ATTENTION_BACKENDS = ("auto", "flashinfer", "triton", "torch")
 DEFAULT_PAGE_BYTES = {"cpu": 4096, "cuda": 2 << 20}
 # Constrained decoding (regex, JSON schema, EBNF); none: such requests are refused (400).
 GRAMMAR_BACKENDS = ("xgrammar", "none")
+# The small-batch MoE path (grouped GEMVs over the chosen experts) at <= 8 tokens; auto: on
+# CUDA; on: wherever Triton runs (the CPU interpreter, for tests); off: the fused-MoE GEMM.
+MOE_SMALL_BATCH = ("auto", "on", "off")

@@ -27,6 +27,7 @@ from sglang_crosspool.options import (
     FFN_TRANSPORTS,
     GRAMMAR_BACKENDS,
     KV_PAGE_BACKENDS,
+    MOE_SMALL_BATCH,
     POOL_MODES,
 )
 
@@ -66,6 +67,7 @@ class ServerArgs:
     mem_fraction_static: float | None = None
     random_seed: int = 0
     attention_backend: str = "auto"  # resolved by EngineConfig.build
+    moe_small_batch: str = "auto"  # the small-batch MoE path: auto (CUDA) | on | off
     grammar_backend: str = "xgrammar"  # none: constrained requests get 400
     constrained_json_disable_any_whitespace: bool = False
     grammar_jump_forward: bool = False
@@ -147,7 +149,8 @@ class ServerArgs:
             kv_page_backend=self.kv_page_backend, kv_reserve_pages=self.kv_reserve_pages,
             load_format=self.load_format, grammar_backend=self.grammar_backend,
             constrained_json_disable_any_whitespace=self.constrained_json_disable_any_whitespace,
-            grammar_jump_forward=self.grammar_jump_forward)
+            grammar_jump_forward=self.grammar_jump_forward,
+            moe_small_batch=self.moe_small_batch)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -232,6 +235,7 @@ class ServerArgs:
             chunked_prefill_size=a.chunked_prefill_size,
             mem_fraction_static=a.mem_fraction_static, random_seed=a.random_seed,
             attention_backend=a.attention_backend, grammar_backend=a.grammar_backend,
+            moe_small_batch=a.moe_small_batch,
             constrained_json_disable_any_whitespace=a.constrained_json_disable_any_whitespace,
             grammar_jump_forward=a.grammar_jump_forward,
             disable_cuda_graph=a.disable_cuda_graph, disable_radix_cache=a.disable_radix_cache,
@@ -573,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels; auto: torch on CPU, on CUDA flashinfer where it "
                         "imports, else triton")
+    g.add_argument("--moe-small-batch", default="auto", choices=MOE_SMALL_BATCH,
+                   help="MoE layers at <= 8 tokens as grouped GEMVs over the chosen experts "
+                        "(shared expert in the same pass) instead of the fused-MoE GEMM; auto: "
+                        "on CUDA; on: also on CPU where the Triton interpreter runs (tests)")
     g.add_argument("--grammar-backend", default="xgrammar", choices=GRAMMAR_BACKENDS,
                    help="constrained decoding (regex, json_schema, ebnf, response_format); "
                         "none: such requests are refused with 400")

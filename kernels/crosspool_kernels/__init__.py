@@ -14,6 +14,9 @@ What flows in and out (shapes as the engine lays them out; T = new tokens of a s
 - rope: q [T, H, d], k [T, KVH, d], positions [T], cos/sin [max_pos, rot] -> rotated q, k.
 - fused_moe: hidden [T, Hd], topk_ids / topk_weights [T, k], w13 [E, 2I, Hd], w2 [E, Hd, I]
   (+ local_index [E_global] -> local expert or -1) -> [T, Hd].
+- moe_small_batch: the same inputs (+ shared expert shared_w13 [2S, Hd], shared_w2 [Hd, S],
+  sigmoid gate [1, Hd]) -> [T, Hd] for decode at T <= 8: grouped GEMVs over the chosen
+  experts only, the shared expert in the same launches.
 - router_topk: router logits [T, E] -> ids [T, k] int64 and weights [T, k] (softmax, top-k,
   optional renormalisation, cast), one launch.
 - sample / greedy: probs or logits [B, V] + per-row top_k, top_p, min_p, uniforms -> ids [B].
@@ -39,6 +42,7 @@ _OPS: dict[str, tuple[str, str, str]] = {
     "fused_add_rms_norm": ("rmsnorm", "fused_add_rms_norm", "fused_add_rms_norm_ref"),
     "rope": ("rope", "apply_rope", "apply_rope_ref"),
     "fused_moe": ("fused_moe", "fused_moe", "fused_moe_ref"),
+    "moe_small_batch": ("moe_small_batch", "moe_small_batch", "moe_small_batch_ref"),
     "router_topk": ("router", "router_topk", "router_topk_ref"),
     "sample": ("sampling", "top_k_top_p_sample", "top_k_top_p_sample_ref"),
     "greedy": ("sampling", "greedy_sample", "greedy_sample_ref"),

@@ -46,15 +46,17 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
         return RemoteFFNExecutor(FFNServerPool(spec))
     device = torch.device(config.ffn_device)
     halves = {entry.name: build_halves(entry.path, placement[entry.name], device, config.dtype,
-                                       config.load_format) for entry in config.models}
+                                       config.load_format, config.moe_small_batch)
+              for entry in config.models}
     return LocalFFNExecutor(halves, device)
 
 
 def build_halves(path: str, shares: list[list[int]], device, dtype: str,
-                 load_format: str) -> list:
+                 load_format: str, moe_small_batch: str = "auto") -> list:
     """One model's FFN, as one half per expert share (the first with the shared experts and
     dense MLPs), read from its checkpoint onto `device`."""
     spec, arch = resolve(path)
     files = open_checkpoint(path, load_format, device)
     return [arch.ffn_cls(spec, files, torch.device(device), DTYPES[dtype], experts=share,
-                         with_shared=i == 0) for i, share in enumerate(shares)]
+                         with_shared=i == 0, moe_small_batch=moe_small_batch)
+            for i, share in enumerate(shares)]

@@ -257,7 +257,9 @@ class FFNHalf:
     """Routed experts, shared expert and dense MLPs of one model, or of a subset of its experts.
 
     `experts=None` loads every expert; a list loads only those (one FFN server's share), and
-    `forward` then returns the partial sum over the owned experts.
+    `forward` then returns the partial sum over the owned experts. `moe_small_batch` (auto | on
+    | off, the engine's --moe-small-batch) picks the grouped-GEMV path for batches of at most
+    8 tokens: `auto` on CUDA, `on` wherever Triton runs (the interpreter on CPU, for tests).
     """
 
     moe_prefixes: tuple[str, ...] = ("mlp.",)
@@ -273,10 +275,12 @@ class FFNHalf:
         dtype: torch.dtype,
         experts: list[int] | None = None,
         with_shared: bool = True,
+        moe_small_batch: str = "auto",
     ):
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.moe_small_batch = moe_small_batch
         self.experts = list(range(spec.num_experts)) if experts is None else sorted(experts)
         self.with_shared = with_shared
         self.layers = [self._load_layer(files, i) for i in range(spec.num_layers)]
@@ -339,6 +343,11 @@ class FFNHalf:
     def forward(self, i: int, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         """FFN output of layer i for h [tokens, hidden] (partial if experts are a subset)."""
         layer = self.layers[i]
+        if layer.w13 is not None and routing.topk_ids is not None and self._small_batch(h):
+            # Routed and shared experts in one pass of GEMVs over the chosen experts' weights.
+            return _gpu_kernel("moe_small_batch")(
+                h, layer.w13, layer.w2, routing.topk_weights, routing.topk_ids,
+                layer.local_index, layer.shared_w13, layer.shared_w2, layer.shared_gate)
         out = None
         if layer.w13 is not None and routing.topk_ids is not None:
             out = self._routed(layer, h, routing)
@@ -348,6 +357,14 @@ class FFNHalf:
                 shared = torch.sigmoid(F.linear(h, layer.shared_gate)) * shared
             out = shared if out is None else out + shared
         return torch.zeros_like(h) if out is None else out
+
+    def _small_batch(self, h: torch.Tensor) -> bool:
+        mode = self.moe_small_batch
+        if mode == "off" or (mode == "auto" and not h.is_cuda):
+            return False  # decided without importing triton
+        from crosspool_kernels.moe_small_batch import use_small_batch
+
+        return use_small_batch(mode, h.shape[0], h.device)
 
     def _routed(self, layer: FFNLayer, h, routing: Routing) -> torch.Tensor:
         fused = _kernel_for("fused_moe", h)

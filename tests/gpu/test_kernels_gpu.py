@@ -125,6 +125,50 @@ def test_fused_moe_bf16(tokens, experts, top_k):
     _close(op.triton(h, w13, w2, weights, ids), op.reference(h, w13, w2, weights, ids), 3e-2)
 
 
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "inter", "shared"), [
+    (1, 128, 8, 768, 0),  # Qwen3-30B-A3B
+    (4, 60, 4, 1408, 5632),  # Qwen1.5-MoE-A2.7B, gated shared expert
+    (8, 8, 2, 3584, 0),  # Mixtral-like, narrower
+])
+def test_moe_small_batch_bf16(tokens, experts, top_k, inter, shared):
+    op, hidden = KERNELS["moe_small_batch"], 2048
+    h = torch.randn(tokens, hidden, device=DEV, dtype=BF16)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=DEV) / hidden**0.5).to(BF16)
+    w2 = (torch.randn(experts, hidden, inter, device=DEV) / inter**0.5).to(BF16)
+    weights, ids = torch.topk(torch.randn(tokens, experts, device=DEV).softmax(-1), top_k)
+    weights = weights.to(BF16)
+    extra = {}
+    if shared:
+        extra = {"shared_w13": (torch.randn(2 * shared, hidden, device=DEV) / hidden**0.5).to(BF16),
+                 "shared_w2": (torch.randn(hidden, shared, device=DEV) / shared**0.5).to(BF16),
+                 "shared_gate": (torch.randn(1, hidden, device=DEV) / hidden**0.5).to(BF16)}
+    for split in (0, 1, 3):
+        got = op.triton(h, w13, w2, weights, ids, config={"SPLIT_K": split}, **extra)
+        _close(got, op.reference(h, w13, w2, weights, ids, **extra), 3e-2)
+
+
+def test_moe_small_batch_in_cuda_graph():
+    # Static shapes, no host sync: new routing and hidden states copied in, then a replay.
+    op = KERNELS["moe_small_batch"]
+    h = torch.randn(2, 1024, device=DEV, dtype=BF16)
+    w13 = (torch.randn(16, 512, 1024, device=DEV) / 32).to(BF16)
+    w2 = (torch.randn(16, 1024, 256, device=DEV) / 16).to(BF16)
+    weights, ids = torch.topk(torch.randn(2, 16, device=DEV).softmax(-1), 4)
+    weights = weights.to(BF16)
+    op.triton(h, w13, w2, weights, ids)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op.triton(h, w13, w2, weights, ids)
+    h.copy_(torch.randn_like(h))
+    new_w, new_ids = torch.topk(torch.randn(2, 16, device=DEV).softmax(-1), 4)
+    weights.copy_(new_w)
+    ids.copy_(new_ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(captured, op.reference(h, w13, w2, weights, ids), 3e-2)
+
+
 def test_sampling_on_gpu():
     probs = torch.randn(16, 32000, device=DEV).mul(3).softmax(-1)
     u = torch.rand(16, device=DEV)

@@ -174,3 +174,12 @@ def test_devices_give_one_attention_worker_each(ckpts):
     assert parse("--model-path", ckpts["qwen3_moe"]).devices == ()
     with pytest.raises(SystemExit):  # the launcher's usage error
         parse("--model-path", ckpts["qwen3_moe"], "--devices", "cpu,gpu0")
+
+
+def test_moe_small_batch_flag(ckpts):
+    # The small-batch MoE path: auto by default (CUDA only), on/off reach the engine config.
+    assert parse("--model-path", ckpts["qwen3_moe"]).engine_config().moe_small_batch == "auto"
+    a = parse("--model-path", ckpts["qwen3_moe"], "--moe-small-batch", "off")
+    assert a.moe_small_batch == "off" and a.engine_config().moe_small_batch == "off"
+    with pytest.raises(SystemExit):
+        parse("--model-path", ckpts["qwen3_moe"], "--moe-small-batch", "always")
