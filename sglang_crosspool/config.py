@@ -87,7 +87,9 @@ class EngineConfig:
     pipeline_models: bool = False
     # The small-batch MoE path at <= 8 tokens (--moe-small-batch): auto (CUDA) | on | off.
     # NOTE: FFN server processes and models loaded while serving use `auto` for now.
-    moe_small_batch: str = "auto"
+    # The small-batch MoE path (kernels/crosspool_kernels/moe_small_batch.py): off until it
+    # has run on a GPU; auto: on CUDA at <= 8 tokens.
+    moe_small_batch: str = "off"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -160,7 +162,7 @@ class EngineConfig:
         disable_radix_cache: bool = False,
         radix_cache_floor_pages: dict[str, int] | None = None,
         pipeline_models: bool = False,
-        moe_small_batch: str = "auto",
+        moe_small_batch: str = "off",
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:

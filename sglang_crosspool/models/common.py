@@ -275,7 +275,7 @@ class FFNHalf:
         dtype: torch.dtype,
         experts: list[int] | None = None,
         with_shared: bool = True,
-        moe_small_batch: str = "auto",
+        moe_small_batch: str = "off",
     ):
         self.spec = spec
         self.device = device
