@@ -14,7 +14,11 @@ The form (one H200, bf16, times in seconds):
     crosspool adds         L*x(n) per step (graphed), or the eager crossing (eager steps);
                          attention bytes and KV split over the TP degree, FFN bytes over the
                          model's FFN servers
+    pair graph (--pipeline-models, two models' decode batches in one step)
+                         = per layer the longest of: both attention sides, both FFN sides,
+                         each model's own attention + crossing + FFN
     KV pages mapped/unmapped on the step: + pages*map_s / pages*unmap_s
+    + the server's own time per step
 
 L layers; A attention-side bytes read per step (attention, norms, router, lm_head); F(n) FFN
 bytes read for n tokens: each MoE layer reads E*(1-(1-k/E)^n) distinct experts (uniform
@@ -22,11 +26,13 @@ routing, as random weights give) plus shared experts and dense layers; KV the by
 context read. a, BW_w, BW_kv are fitted by least squares (relative error) on the monolithic
 full-depth decode cells of p2p-2xh200 (Qwen3-30B-A3B, Qwen1.5-MoE-A2.7B, OLMoE-1B-7B); x(n)
 on the difference of the p2p-mb1 and monolithic columns of the same files. e_arch is the
-eager step of the decode benchmarks per layer (gpu-h200-decode, mla-h200). Two constants
-have no committed measurement of their own and are fitted to the fleet-2xh200 burst: the
-server's time per step beyond the engine's (`STEP_OVERHEAD_S`, on both modes' TBT p50) and R,
-the prefill FLOP rate (`PREFILL_FLOPS_PER_S`, on monolithic's TTFT p50); those figures of that
-burst are fits, not checks. The headline-2xh200-partial runs are then an independent check.
+eager step of the decode benchmarks per layer (gpu-h200-decode, mla-h200). Three constants
+have no committed measurement of their own and are fitted, each to one figure of a 20-request
+burst to the fleet-2xh200 fleet: the server's time per step beyond the engine's
+(`STEP_OVERHEAD_S`, both modes' TBT p50), R, the prefill FLOP rate (`PREFILL_FLOPS_PER_S`,
+monolithic's TTFT p50), and the attention side's share of `a` (`ATTENTION_SHARE`, the TBT p50
+of the burst served with --pipeline-models); those figures are fits, not checks. The
+headline-2xh200-partial trace replays are then an independent check.
 """
 
 from __future__ import annotations
@@ -63,6 +69,14 @@ PREFILL_SOURCE = ("fitted: fleet-2xh200/monolithic/result.json burst ttft_p50 (0
 STEP_OVERHEAD_S = 0.5e-3
 STEP_OVERHEAD_SOURCE = ("fitted: fleet-2xh200/{monolithic,crosspool}/result.json burst "
                         "tbt_p50, grid search by `simulate fit`")
+# Share of the per-layer fixed time `a` spent on the attention side (the rest on the FFN
+# side), which only matters where the two overlap: pair graphs (`--pipeline-models`). Fitted
+# to the TBT p50 of the fleet burst served with --pipeline-models
+# (headline-2xh200-partial/crosspool-pipeline-models/result.json) by `simulate fit`.
+ATTENTION_SHARE = 0.7
+ATTENTION_SHARE_SOURCE = ("fitted: headline-2xh200-partial/crosspool-pipeline-models/"
+                          "result.json burst tbt_p50, grid search by `simulate fit`")
+PAIR_GRAPH_MAX_BS = 16  # engine/pair_graphs.py: pairs are captured up to this batch
 
 # Eager crossing of one layer (prefill and mixed steps in crosspool): two eager kernel
 # launches (peer store, flag wait) at ~21 us each (docs/DESIGN.md section 5, "the same kernel
@@ -152,8 +166,10 @@ class CostModel:
     """Step times from the fitted coefficients (see the module docstring)."""
 
     def __init__(self, graph_max_bs: int = 64, prefill_flops_per_s: float = PREFILL_FLOPS_PER_S,
-                 crosspool_eager_factor: float = 1.0, step_overhead_s: float = STEP_OVERHEAD_S):
+                 crosspool_eager_factor: float = 1.0, step_overhead_s: float = STEP_OVERHEAD_S,
+                 attention_share: float = ATTENTION_SHARE):
         self.graph_max_bs = graph_max_bs
+        self.attention_share = attention_share
         self.prefill_rate = prefill_flops_per_s
         self.step_overhead_s = step_overhead_s
         self.crosspool_eager_factor = crosspool_eager_factor
@@ -173,6 +189,38 @@ class CostModel:
         kv = sum(b.contexts) * s.kv_bytes_per_token
         ffn = s.ffn_bytes(n) / (p.ffn_servers if p.crosspool else p.tp)
         return s.layers * a + (s.attn_bytes / p.tp + ffn) * inv_w + kv / p.tp * inv_kv
+
+    def sides(self, s: Shape, b: StepBatch, p: Placement) -> tuple[float, float, float]:
+        """Per layer, a graphed crosspool decode step's (attention side, FFN side, crossing);
+        L times their sum is `graphed` + the crossing."""
+        a, inv_w, inv_kv = self.fit["a_s"], 1 / self.fit["bw_w"], 1 / self.fit["bw_kv"]
+        kv = sum(b.contexts) * s.kv_bytes_per_token
+        att = s.layers * a * self.attention_share + s.attn_bytes / p.tp * inv_w + \
+            kv / p.tp * inv_kv
+        ffn = s.layers * a * (1 - self.attention_share) + \
+            s.ffn_bytes(sum(b.tokens)) / p.ffn_servers * inv_w
+        cross = self.crossing(s, b, p, eager=False)
+        return att / s.layers, ffn / s.layers, cross / s.layers
+
+    def pair_fits(self, a: StepBatch, b: StepBatch) -> bool:
+        """Whether two models' batches run as one pair graph (engine/pair_graphs.fits)."""
+        return a.decode_only and b.decode_only and \
+            max(len(a.tokens), len(b.tokens)) <= min(PAIR_GRAPH_MAX_BS, self.graph_max_bs)
+
+    def pair_step(self, sa: Shape, a: StepBatch, pa: Placement, sb: Shape, b: StepBatch,
+                  pb: Placement) -> float:
+        """Two models' decode batches in one pair graph, layer by layer in the pipeline order:
+        per layer the cycle is the longest of the attention GPU's work (both attentions), the
+        weights pool's (both FFNs) and each model's own chain (attention, crossing, FFN);
+        layers only the deeper model has run alone. Both batches pad to one bucket."""
+        bucket = _bucket(max(len(a.tokens), len(b.tokens)), self.graph_max_bs)
+        ya = self.sides(sa, _pad(a, bucket), pa)
+        yb = self.sides(sb, _pad(b, bucket), pb)
+        both = min(sa.layers, sb.layers)
+        cycle = max(ya[0] + yb[0], ya[1] + yb[1], sum(ya), sum(yb))
+        deeper = ya if sa.layers > sb.layers else yb
+        return both * cycle + (max(sa.layers, sb.layers) - both) * sum(deeper) + \
+            self.step_overhead_s
 
     def flops(self, s: Shape, b: StepBatch) -> float:
         """Matmul FLOPs of the active weights plus causal attention over each chunk."""
@@ -201,10 +249,7 @@ class CostModel:
     def step(self, s: Shape, b: StepBatch, p: Placement) -> float:
         graph = b.decode_only and len(b.tokens) <= self.graph_max_bs
         if graph:
-            bucket = _bucket(len(b.tokens), self.graph_max_bs)
-            padded = StepBatch(b.tokens + (1,) * (bucket - len(b.tokens)),
-                               b.contexts + (0,) * (bucket - len(b.tokens)))
-            t = self.graphed(s, padded, p)
+            t = self.graphed(s, _pad(b, _bucket(len(b.tokens), self.graph_max_bs)), p)
         else:
             gpu = self.graphed(s, b, p) + self.flops(s, b) / p.tp / self.prefill_rate
             t = max(s.layers * self.eager[_family(s.arch)], gpu)
@@ -225,6 +270,8 @@ class CostModel:
                                   for k, (v, src) in eager_sources().items()},
             "prefill_flops_per_s": {"value": self.prefill_rate, "source": PREFILL_SOURCE},
             "step_overhead_s": {"value": self.step_overhead_s, "source": STEP_OVERHEAD_SOURCE},
+            "attention_share": {"value": self.attention_share,
+                                "source": ATTENTION_SHARE_SOURCE},
             "vmm_map_s_per_page": {"value": self.map_s, "source": f"{VMM_FILE}: kv_pool "
                                    "'reserve 96' alloc_blocks median / pages_per_block"},
             "vmm_unmap_s_per_page": {"value": self.unmap_s, "source": f"{VMM_FILE}: kv_pool "
@@ -252,6 +299,12 @@ def _bucket(n: int, max_bs: int) -> int:
         b += 8 if b < 64 else 16
     sizes.append(max_bs)
     return next(s for s in sizes if s >= n)
+
+
+def _pad(b: StepBatch, bucket: int) -> StepBatch:
+    """A decode batch padded to its graph bucket (padding rows read no KV)."""
+    extra = bucket - len(b.tokens)
+    return StepBatch(b.tokens + (1,) * extra, b.contexts + (0,) * extra)
 
 
 def _family(arch: str) -> str:

@@ -135,6 +135,7 @@ class Worker:
     kv: SimKV
     sched: GlobalScheduler | None = None
     keys: dict[str, tuple[Shape, Placement]] = field(default_factory=dict)
+    pipeline_models: bool = False  # two models' batches a step (`--pipeline-models`)
     busy: bool = False
     busy_s: float = 0.0
     steps: int = 0
@@ -149,7 +150,7 @@ class Layout:
 
 
 def build_layout(plan, mode: str, limits: SchedulerLimits, gpus_per_node: int | None = None,
-                 prefix_cache: bool = False) -> Layout:
+                 prefix_cache: bool = False, pipeline_models: bool = False) -> Layout:
     """The plan's pool mode as attention workers (see the module docstring)."""
     mp = plan.mode(mode)
     per_node = gpus_per_node or plan.inputs.devices
@@ -197,6 +198,7 @@ def build_layout(plan, mode: str, limits: SchedulerLimits, gpus_per_node: int | 
     for w in workers.values():
         cache = PrefixCache(w.kv, list(w.keys)) if prefix_cache else None
         w.sched = GlobalScheduler(w.kv, list(w.keys), limits, cache=cache)
+        w.pipeline_models = pipeline_models and mode == "crosspool"
     context = {name: info[name].max_position_embeddings for name in replicas}
     return Layout(mode, list(workers.values()), replicas, context)
 

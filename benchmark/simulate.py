@@ -50,7 +50,7 @@ for p in (REPO, REPO / "scheduler"):
 
 from crosspool_scheduler import PrefixCache, RequestTooLarge, SchedReq, SchedulerLimits
 
-from benchmark import sim_costs, stats
+from benchmark import stats
 from benchmark.sim_costs import CostModel, StepBatch
 from benchmark.sim_layout import Layout, SimKV, Worker, build_layout
 from benchmark.trace import clamp, prompt_ids, read_trace
@@ -80,18 +80,18 @@ VOCAB = 32_000  # prompt ids (benchmark.trace.prompt_ids) only need to match acr
 
 def simulate(plan, mode: str, trace: list[dict], cost: CostModel, limits: SchedulerLimits,
              gpus_per_node: int | None = None, clamp_context: bool = False,
-             kv_samples: int = 400) -> dict:
-    return replay(build_layout(plan, mode, limits, gpus_per_node), trace, cost, clamp_context,
-                  kv_samples)
+             kv_samples: int = 400, pipeline_models: bool = False) -> dict:
+    layout = build_layout(plan, mode, limits, gpus_per_node, pipeline_models=pipeline_models)
+    return replay(layout, trace, cost, clamp_context, kv_samples)
 
 
 def simulate_sequence(plan, mode: str, replays: list[tuple[str, list[dict]]], cost: CostModel,
                       limits: SchedulerLimits, gpus_per_node: int | None = None,
                       clamp_context: bool = False, prefix_cache: bool = False,
-                      gap_s: float = 5.0) -> dict[str, dict]:
+                      gap_s: float = 5.0, pipeline_models: bool = False) -> dict[str, dict]:
     """Several replays one after another on one server (as fleet_gpu_run replays its traces
     and loads on one server per mode): KV and the prefix cache carry over between them."""
-    layout = build_layout(plan, mode, limits, gpus_per_node, prefix_cache)
+    layout = build_layout(plan, mode, limits, gpus_per_node, prefix_cache, pipeline_models)
     out, offset = {}, 0.0
     for label, trace in replays:
         shifted = [dict(r, t=r["t"] + offset) for r in trace]
@@ -121,17 +121,23 @@ def replay(layout: Layout, trace: list[dict], cost, clamp_context: bool = False,
     def start(wi: int) -> None:
         nonlocal order
         w = layout.workers[wi]
-        batch = w.sched.schedule()
-        if batch is None:
+        batches = w.sched.schedule_many(2 if w.pipeline_models else 1)
+        if not batches:
             w.busy = False
             return
-        shape, place = w.keys[batch.model]
-        b = StepBatch(tuple(s.length for s in batch.seqs),
-                      tuple(s.start + s.length for s in batch.seqs))
+        work = [(*w.keys[batch.model], StepBatch(tuple(s.length for s in batch.seqs),
+                                                 tuple(s.start + s.length for s in batch.seqs)))
+                for batch in batches]
+        if len(work) == 2 and hasattr(cost, "pair_step") and cost.pair_fits(work[0][2],
+                                                                           work[1][2]):
+            (sa, pa, ba), (sb, pb, bb) = work  # one pair graph (engine/pair_graphs.py)
+            dur = cost.pair_step(sa, ba, pa, sb, bb, pb)
+        else:  # graphs one after another, or (eager) micro-batches costed as their sum
+            dur = sum(cost.step(shape, b, place) for shape, place, b in work)
         mapped, unmapped = w.kv.take_counts()
-        dur = cost.step(shape, b, place) + cost.vmm(mapped, unmapped)
+        dur += cost.vmm(mapped, unmapped)
         w.busy, w.busy_s, w.steps = True, w.busy_s + dur, w.steps + 1
-        running[wi] = (now + dur, batch)
+        running[wi] = (now + dur, batches)
         heapq.heappush(events, (now + dur, order, wi))
         order += 1
         timeline.append((now, _pages_in_use(layout)))
@@ -176,9 +182,10 @@ def replay(layout: Layout, trace: list[dict], cost, clamp_context: bool = False,
             continue
         now, _, wi = heapq.heappop(events)
         w = layout.workers[wi]
-        _, batch = running.pop(wi)
-        w.sched.advance(batch)
-        for seq in batch.seqs:
+        _, batches = running.pop(wi)
+        for batch in batches:
+            w.sched.advance(batch)
+        for seq in (seq for batch in batches for seq in batch.seqs):
             sr = seq.req
             if not seq.completes or not sr.wants_more_tokens:
                 continue
@@ -314,23 +321,27 @@ def cmd_run(args) -> int:
     cost = _cost(args)
     slo = (args.slo_ttft, args.slo_tbt)
     modes: dict[str, dict] = {}
-    for mode in args.modes.split(","):
+    for name in args.modes.split(","):
+        # `crosspool-pipelined`: crosspool with --pipeline-models, beside the plain modes
+        mode = name.removesuffix("-pipelined")
+        pipelined = args.pipeline_models or mode != name
         if not plan.mode(mode).served:
-            modes[mode] = {"error": "the plan serves no model in this mode"}
+            modes[name] = {"error": "the plan serves no model in this mode"}
         elif len(replays) == 1 and not args.prefix_cache:
             res = simulate(plan, mode, replays[0][1], cost, limits, args.gpus_per_node,
-                           args.clamp)
-            modes[mode] = _entry(res, *slo, args.records)
+                           args.clamp, pipeline_models=pipelined)
+            modes[name] = _entry(res, *slo, args.records)
         else:  # one server per mode, the replays one after another
             runs = simulate_sequence(plan, mode, replays, cost, limits, args.gpus_per_node,
-                                     args.clamp, args.prefix_cache)
-            modes[mode] = {"replays": {label: _entry(res, *slo, args.records)
+                                     args.clamp, args.prefix_cache, pipeline_models=pipelined)
+            modes[name] = {"replays": {label: _entry(res, *slo, args.records)
                                        for label, res in runs.items()}}
     result = {"command": " ".join(sys.argv), "plan": str(args.plan), "trace": args.trace,
               "limits": vars(limits), "slo": {"ttft_s": args.slo_ttft, "tbt_s": args.slo_tbt},
               "gpus_per_node": args.gpus_per_node, "clamp_context": args.clamp,
               "time_scale": args.time_scale, "loads": args.loads, "map_models": args.map_models,
-              "prefix_cache": args.prefix_cache, "coefficients": cost.coefficients(),
+              "prefix_cache": args.prefix_cache, "pipeline_models": args.pipeline_models,
+              "coefficients": cost.coefficients(),
               "modes": modes}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -354,102 +365,12 @@ def _f(x, scale=1.0) -> str:
     return "-" if x is None else f"{x * scale:.3f}"
 
 
-def cmd_fit(args) -> int:
-    """Grid searches of the two fitted constants on the fleet-2xh200 burst: the server's time
-    per step (both modes' TBT p50), then the prefill FLOP rate (monolithic's TTFT p50)."""
-    from sglang_crosspool.planner import load_plan
-
-    fleet = sim_costs.RESULTS / "fleet-2xh200"
-    plan = load_plan(fleet / "plan.json")
-    limits = SchedulerLimits(32, 2048)
-    modes = ("monolithic", "crosspool")
-    traces = {m: read_trace(fleet / m / "burst.jsonl") for m in modes}
-    measured = {m: json.loads((fleet / m / "result.json").read_text())["burst"]["summary"]
-                for m in modes}
-
-    def run(mode: str, **kw) -> dict:
-        cost = CostModel(graph_max_bs=16, **kw)
-        return summarize(simulate(plan, mode, traces[mode], cost, limits), None, None)
-
-    best = None
-    for us in range(0, 3001, 100):
-        err = sum(abs(run(m, step_overhead_s=us * 1e-6)["tbt_p50"] / measured[m]["tbt_p50"] - 1)
-                  for m in modes)
-        if best is None or err < best[0]:
-            best = (err, us)
-    overhead = best[1] * 1e-6
-    print(f"step overhead: {best[1]} us (sum of |TBT p50 errors| {best[0]:.3f})")
-    target = measured["monolithic"]["ttft_p50"]
-    best = None
-    for tflops in range(40, 1001, 10):
-        p50 = run("monolithic", step_overhead_s=overhead,
-                  prefill_flops_per_s=tflops * 1e12)["ttft_p50"]
-        err = abs(p50 / target - 1)
-        if best is None or err < best[0]:
-            best = (err, tflops, p50)
-    print(f"prefill: target TTFT p50 {target:.4f} s; best {best[1]} TFLOP/s -> {best[2]:.4f} s "
-          f"({best[0]:+.1%})")
-    return 0
-
-
-def cmd_table(args) -> int:
-    """Markdown tables of a folder's validate-fleet-*.json and predict-*.json files."""
-    folder = Path(args.folder)
-    fleet = sim_costs.RESULTS / "fleet-2xh200"
-    print("| run | figure | measured | predicted | error |\n| --- | --- | ---: | ---: | ---: |")
-    for path in sorted(folder.glob("validate-fleet-*.json")):
-        d = json.loads(path.read_text())
-        for mode, entry in d["modes"].items():
-            meas = json.loads((fleet / mode / "result.json").read_text())["burst"]["summary"]
-            s = entry["summary"]
-            for key, scale, unit in (("ttft_p50", 1, "s"), ("ttft_p99", 1, "s"),
-                                     ("tbt_p50", 1e3, "ms"), ("tbt_p99", 1e3, "ms"),
-                                     ("kv_pages_used_max", 1, "pages")):
-                got = s["kv_pages_peak" if key == "kv_pages_used_max" else key] * scale
-                want = meas[key] * scale
-                print(f"| {path.stem.removeprefix('validate-')} | {key} ({unit}) | {want:.4g} | "
-                      f"{got:.4g} | {got / want - 1:+.0%} |")
-    headline = sim_costs.RESULTS / "headline-2xh200-partial" / "summary.json"
-    path = folder / "validate-headline.json"
-    if path.exists() and headline.exists():
-        measured = json.loads(headline.read_text())
-        print("\n| trace @ load | mode | TTFT p50 s | TTFT p99 s | TBT p50 ms | TBT p99 ms | "
-              "KV pages peak |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-        rows = []
-        for mode, entry in json.loads(path.read_text())["modes"].items():
-            for label, e in entry["replays"].items():
-                rows.append((label, MODES.index(mode), mode, e["summary"],
-                             measured[mode]["traces"][label]["summary"]))
-        for label, _, mode, got, want in sorted(rows):
-            cells = []
-            for key, scale in (("ttft_p50", 1), ("ttft_p99", 1), ("tbt_p50", 1e3),
-                               ("tbt_p99", 1e3), ("kv_pages_used_max", 1)):
-                g = got["kv_pages_peak" if key == "kv_pages_used_max" else key] * scale
-                w = want[key] * scale
-                fmt = ",.0f" if key == "kv_pages_used_max" else ".3g"
-                cells.append(f"{w:{fmt}} / {g:{fmt}} ({g / w - 1:+.0%})")
-            print(f"| {label.replace('@', ' @ ')} | {mode} | " + " | ".join(cells) + " |")
-    print("\n| setting | trace | req/s | mode | done/sent | rejected | TTFT p50 / p99 s | "
-          "TBT p50 / p99 ms | preempted | goodput | KV pages peak / total |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    runs = []
-    for path in folder.glob("predict-*.json"):
-        d = json.loads(path.read_text())
-        name = path.stem.removeprefix("predict-")
-        setting, variant, scale = name.rsplit("-", 2)
-        rate = 4 / float(scale.removeprefix("x"))
-        runs.append((setting, variant, -rate, d))
-    for setting, variant, rate, d in sorted(runs, key=lambda r: r[:3]):
-        for mode, entry in d["modes"].items():
-            s = entry.get("summary")
-            if s is None:
-                continue
-            print(f"| {setting} | {variant} | {-rate:g} | {mode} | {s['completed']}/{s['sent']} "
-                  f"| {s['rejected']} | {s['ttft_p50']:.3f} / {s['ttft_p99']:.2f} | "
-                  f"{s['tbt_p50'] * 1e3:.1f} / {s['tbt_p99'] * 1e3:.0f} | {s['preempted']} | "
-                  f"{s['goodput_fraction']:.2f} | {s['kv_pages_peak']:,} / "
-                  f"{s['kv_pages_total']:,} |")
-    return 0
+def _report(name: str):
+    """A subcommand of `benchmark/sim_report.py` (imported when it runs)."""
+    def run(args) -> int:
+        from benchmark import sim_report
+        return getattr(sim_report, name)(args)
+    return run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -459,7 +380,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", required=True)
     r.add_argument("--trace", required=True, action="append",
                    help="JSONL trace; repeat to replay several one after another")
-    r.add_argument("--modes", default=",".join(MODES))
+    r.add_argument("--modes", default=",".join(MODES),
+                   help="pool modes; crosspool-pipelined is crosspool with --pipeline-models")
     r.add_argument("--out")
     r.add_argument("--max-running-requests", type=int, default=32, help="per attention worker")
     r.add_argument("--chunked-prefill-size", type=int, default=2048)
@@ -474,6 +396,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times")
     r.add_argument("--loads", help="replay each trace at these loads (arrival-rate "
                    "multipliers, e.g. 1,3), one after another on one server per mode")
+    r.add_argument("--pipeline-models", action="store_true",
+                   help="crosspool: two models' decode batches a step in one pair graph")
     r.add_argument("--prefix-cache", action="store_true",
                    help="per worker the scheduler's PrefixCache, prompts as real token ids")
     r.add_argument("--map-models", action="store_true",
@@ -483,10 +407,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--records", action="store_true", help="keep per-request records")
     r.set_defaults(func=cmd_run)
     f = sub.add_parser("fit", help="refit the step overhead and prefill rate on the fleet burst")
-    f.set_defaults(func=cmd_fit)
+    f.set_defaults(func=_report("cmd_fit"))
     t = sub.add_parser("table", help="markdown tables of a results folder")
     t.add_argument("folder")
-    t.set_defaults(func=cmd_table)
+    t.set_defaults(func=_report("cmd_table"))
     return p
 
 

@@ -134,3 +134,32 @@ def test_no_torch_at_run_time():
             "CostModel(); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
                    env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'scheduler'}"})
+
+
+def test_pair_graph_step_overlaps_two_models():
+    from benchmark.sim_costs import StepBatch, shapes_from_configs
+
+    cost = CostModel(graph_max_bs=16)
+    shapes = shapes_from_configs()
+    place = Placement(crosspool=True)
+    batch = StepBatch((1,) * 4, (1024,) * 4)
+    qwen3, olmoe = shapes["qwen3_moe"], shapes["olmoe"]
+    alone = [cost.step(s, batch, place) for s in (qwen3, olmoe)]
+    pair = cost.pair_step(qwen3, batch, place, olmoe, batch, place)
+    assert max(alone) < pair < sum(alone)
+    assert not cost.pair_fits(batch, StepBatch((8,), (1024,)))  # a prefill: no pair graph
+
+
+@pytest.mark.skipif(not (FLEET / "plan.json").exists(), reason="fleet results not present")
+def test_pipeline_models_takes_two_models_a_step():
+    from sglang_crosspool.planner import load_plan
+
+    plan = load_plan(FLEET / "plan.json")
+    trace = [json.loads(x) for x in (FLEET / "crosspool" / "burst.jsonl").read_text().split("\n")
+             if x.strip()]
+    cost, limits = CostModel(graph_max_bs=16), SchedulerLimits(32, 2048)
+    one = simulate.simulate(plan, "crosspool", trace, cost, limits)
+    two = simulate.simulate(plan, "crosspool", trace, cost, limits, pipeline_models=True)
+    assert two["workers"][0]["steps"] < one["workers"][0]["steps"]
+    assert simulate.summarize(two, None, None)["tbt_p50"] < \
+        simulate.summarize(one, None, None)["tbt_p50"]

@@ -28,6 +28,7 @@ H=benchmark/results/headline-2xh200-partial
 #     run did; that run did not flush the prefix cache between loads, so the simulator keeps
 #     one too (--prefix-cache): the @3 replays find their prompts cached.
 $PY -m benchmark.simulate run --plan $H/plan.json --trace $H/bursty.jsonl --trace $H/balanced.jsonl \
+  --modes static,monolithic,crosspool,crosspool-pipelined \
   --loads 1,3 --map-models --clamp --prefix-cache --graph-max-bs 16 \
   --out "$OUT/validate-headline.json"
 
@@ -57,6 +58,7 @@ done
 sim() {  # sim NAME PLAN TRACE [flags]
   local name=$1 plan=$2 trace=$3; shift 3
   $PY -m benchmark.simulate run --plan "$plan" --trace "$trace" --clamp "$@" \
+    --modes static,monolithic,crosspool,crosspool-pipelined \
     --out "$OUT/predict-$name.json" | sed "s/^/$name /"
 }
 for v in bursty balanced long; do
