@@ -30,7 +30,7 @@ model's batch), contention between crosspool workers for the weights pool, CUDA-
 and warm-up.
 
     python -m benchmark.simulate run --plan plan.json --trace trace.jsonl --out sim.json
-    python -m benchmark.simulate fit     # refits sim_costs.STEP_OVERHEAD_S, PREFILL_FLOPS_PER_S
+    python -m benchmark.simulate fit     # the three fitted constants of sim_costs
     python -m benchmark.simulate table benchmark/results/simulate
 """
 
