@@ -163,3 +163,23 @@ def test_pipeline_models_takes_two_models_a_step():
     assert two["workers"][0]["steps"] < one["workers"][0]["steps"]
     assert simulate.summarize(two, None, None)["tbt_p50"] < \
         simulate.summarize(one, None, None)["tbt_p50"]
+
+
+HEADLINE = REPO / "benchmark" / "results" / "headline-2xh200-partial"
+
+
+@pytest.mark.skipif(not (HEADLINE / "crosspool-files" / "balanced.jsonl").exists(),
+                    reason="headline results not present")
+def test_trace_mapping_matches_the_gpu_runs_mapped_trace():
+    from benchmark.trace import clamp, read_trace
+    from sglang_crosspool.planner import load_plan
+
+    plan = load_plan(HEADLINE / "plan.json")
+    ours = simulate.map_models(read_trace(HEADLINE / "balanced.jsonl"),
+                               [m.name for m in plan.models])
+    theirs = read_trace(HEADLINE / "crosspool-files" / "balanced.jsonl")  # fleet_gpu_run's
+    context = {m.name: m.max_position_embeddings for m in plan.models}
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["model"] == b["model"]
+        assert clamp(a["prompt_len"], a["output_len"], context[a["model"]] - 1, None) == \
+            (b["prompt_len"], b["output_len"])
