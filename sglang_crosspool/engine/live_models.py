@@ -81,7 +81,7 @@ class LiveModels:
         self.rebalances = 0
         self.loads = 0
         self.unloads = 0
-        self.last: dict | None = None
+        self.last: dict = {}  # the last load, unload or rebalance done ({} before any)
 
     @property
     def busy(self) -> bool:

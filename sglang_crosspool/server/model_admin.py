@@ -6,8 +6,8 @@
 
 Each answers `{"success": true, "message", ...what was loaded, freed or moved}` once done, or
 an error in the usual shape: 400 a bad body or a name already served, 404 an unknown model,
-501 not on this server (the static pool mode, the p2p crossing, several attention workers;
-rebalance: not crosspool), 507 no room (weights over the free memory, a KV block over the
+501 not on this server (the static pool mode, the p2p crossing; rebalance: not crosspool, or
+several attention workers), 507 no room (weights over the free memory, a KV block over the
 budget, transport buffers too small), 504 when the scheduler did not finish in time (the
 operation goes on).
 
@@ -17,7 +17,8 @@ reach the model once the scheduler says every part is ready. An unload takes the
 this side first, so that new requests get 404 at once, then waits until the scheduler has let
 the requests in flight finish (or, with `force`, ended them with an error) and freed the model.
 A rebalance moves experts between FFN servers while every model serves: without a placement it
-spreads each model's experts evenly, moving as few as it can.
+spreads each model's experts evenly, moving as few as it can. With several attention workers
+(`--devices`) a load goes to the worker holding the fewest weight bytes (worker_router.py).
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ UNLOAD_TIMEOUT_S = 600.0  # default; the body's `timeout` overrides it
 def _refuse_several_workers(state) -> None:
     workers = getattr(state.manager.client, "workers", None)
     if workers is not None and len(workers) > 1:
-        raise ApiError(501, "load_model, unload_model and rebalance are not supported on a "
-                            "server with several attention workers (--devices): routing a new "
-                            "model to one worker is not built yet; restart with the model "
-                            "instead")
+        raise ApiError(501, "rebalance is not supported on a server with several attention "
+                            "workers (--devices): each has FFN servers of its own, and moving "
+                            "experts across them is not built")
 
 
 async def _control(state, kind: str, args: dict, timeout: float) -> dict:
@@ -58,7 +58,6 @@ async def _control(state, kind: str, args: dict, timeout: float) -> dict:
 async def load_model(request: Request):
     state = request.app.state.server
     body = await state.json_body(request)
-    _refuse_several_workers(state)
     path = body.get("model_path")
     if not isinstance(path, str) or not path:
         raise ApiError(400, "model_path: expected the checkpoint directory", param="model_path")
@@ -91,7 +90,6 @@ def _tokenizer(path: str):
 async def unload_model(request: Request):
     state = request.app.state.server
     body = await state.json_body(request)
-    _refuse_several_workers(state)
     name = body.get("served_model_name") or body.get("model")
     if not isinstance(name, str) or name not in state.tokenizers:
         raise ApiError(404, f"model {name!r} is not served", param="served_model_name")

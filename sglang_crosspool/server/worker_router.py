@@ -21,6 +21,10 @@ A worker that dies ends the requests it held with an error naming it; its models
 refused with 503, and the other workers serve on. The server stops only when every worker
 is gone.
 
+Models loaded while serving (`load_model`) go to the live worker holding the fewest weight
+bytes (then the fewest requests in flight), or, where that one has no room (507), to the next;
+`unload_model` goes to the worker serving the model.
+
 NOTE: FFN servers are per worker here: a model's experts live with the worker that serves the
 model, not in one weights pool shared by every worker.
 """
@@ -144,6 +148,8 @@ class WorkerRouterClient(EngineClient):
         self.owner = {name: w for w in self.workers for name in w.models}
         self._adds: dict[str, _PendingAdd] = {}  # first rid of a batch -> its pending answer
         self._controls: dict[int, list] = {}  # cid -> results so far
+        # cid -> (the request, model, the worker asked, the workers left to ask after it)
+        self._model_ops: dict[int, tuple[ControlRequest, str, _Worker, list[_Worker]]] = {}
         self._on_message: Callable | None = None
         self._on_dead: Callable | None = None
         self._cids = itertools.count(1 << 40)
@@ -181,6 +187,8 @@ class WorkerRouterClient(EngineClient):
             self._add(msg)
         elif isinstance(msg, AbortRequest):
             self._abort(msg)
+        elif isinstance(msg, ControlRequest) and msg.kind in ("load_model", "unload_model"):
+            self._model_op(msg)
         elif isinstance(msg, ControlRequest):
             live = [w for w in self.workers if w.dead is None]
             self._controls[msg.cid] = [msg.kind, len(live), []]
@@ -190,6 +198,32 @@ class WorkerRouterClient(EngineClient):
                 self._deliver(ControlResult(msg.cid, {"error": "no attention worker is up"}))
         else:
             raise TypeError(f"cannot route a {type(msg).__name__}")
+
+    def _model_op(self, msg: ControlRequest) -> None:
+        """A load goes to the least loaded live worker, an unload to the model's worker."""
+        name = msg.args.get("served_model_name")
+        live = [w for w in self.workers if w.dead is None]
+        if msg.kind == "load_model":
+            if name in self.owner or any(n == name for _, n, _, _ in self._model_ops.values()):
+                self._deliver(ControlResult(msg.cid, {
+                    "error": f"served_model_name: {name!r} is already served or loading",
+                    "status": 400}))
+                return
+            order = sorted(live, key=lambda w: (_weight_bytes(w.stats), len(w.rids), w.index))
+            worker, rest = (order[0], order[1:]) if order else (None, [])
+        else:
+            worker, rest = self.owner.get(name), []
+        if worker is None or worker.dead is not None:
+            if worker is not None:
+                why, status = worker.dead, 503
+            elif msg.kind == "load_model":
+                why, status = "no attention worker is up", 503
+            else:
+                why, status = f"model {name!r} is not served", 404
+            self._deliver(ControlResult(msg.cid, {"error": why, "status": status}))
+            return
+        self._model_ops[msg.cid] = (msg, name, worker, rest)
+        worker.client.send(msg)
 
     def _add(self, msg: AddRequests) -> None:
         rids = [r.rid for r in msg.requests]
@@ -227,6 +261,21 @@ class WorkerRouterClient(EngineClient):
                 if update.finish_reason is not None:
                     w.rids.discard(update.rid)
             self._deliver(BatchOutput(msg.updates, self.merged_stats()))
+        elif isinstance(msg, ControlResult) and msg.cid in self._model_ops:
+            request, name, worker, rest = self._model_ops.pop(msg.cid)
+            rest = [x for x in rest if x.dead is None]
+            if msg.result.get("status") == 507 and rest:  # no room there: the next worker
+                self._model_ops[msg.cid] = (request, name, rest[0], rest[1:])
+                rest[0].client.send(request)
+                return
+            if "error" not in msg.result:
+                if request.kind == "load_model":
+                    self.owner[name] = worker
+                    worker.models.append(name)
+                else:
+                    self.owner.pop(name, None)
+                    worker.models.remove(name)
+            self._deliver(msg)
         elif isinstance(msg, ControlResult):
             self._control_result(w, msg)
         else:
@@ -299,6 +348,10 @@ class WorkerRouterClient(EngineClient):
         for key, pending in list(self._adds.items()):  # batches it never answered
             if any(index == w.index for index, _ in pending.added):
                 self._add_result(w, AddResults(pending.rids[:1], w.dead, 503))
+        for cid, (_, _, worker, _) in list(self._model_ops.items()):
+            if worker is w:
+                del self._model_ops[cid]
+                self._deliver(ControlResult(cid, {"error": w.dead, "status": 503}))
         for cid, (kind, expected, results) in list(self._controls.items()):
             self._controls[cid][1] = expected - 1
             if len(results) >= expected - 1:
@@ -354,6 +407,12 @@ class WorkerRouterClient(EngineClient):
                 w.client.close()
             except Exception:  # noqa: BLE001 - close the others regardless
                 logger.exception("closing attention worker %d", w.index)
+
+
+def _weight_bytes(stats: dict) -> int:
+    """Weight bytes a worker holds: attention side, FFN in process, its FFN servers'."""
+    ffn = max(stats.get("ffn_bytes_here", 0), sum(stats.get("ffn_bytes_per_server", [])))
+    return stats.get("attention_bytes", 0) + ffn
 
 
 def _merge_into(into: dict, stats: dict) -> None:
