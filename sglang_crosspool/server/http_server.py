@@ -63,6 +63,7 @@ class ServerState:
         self.tokenizers = {m.name: load_tokenizer(m.path) for m in config.models}
         self.architectures = {m.name: _architectures(m.path) for m in config.models}
         self._token_texts: dict[str, dict[int, str]] = {m: {} for m in config.model_names}
+        self.retired: dict = {}  # tokenizers of models being unloaded, for requests in flight
         # NOTE: one thread: a Hugging Face fast tokenizer must not encode in two threads at
         # once (transformers sets its truncation per call: "Already borrowed").
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -107,11 +108,13 @@ class ServerState:
         self.metrics.set_models(self.config.model_names)
 
     def remove_model(self, name: str) -> tuple:
-        """Stops requests for a model at once (404); returns what `restore_model` needs."""
-        saved = (self.config, self.tokenizers.pop(name), self.architectures.get(name))
+        """Stops requests for a model at once (404); returns what `restore_model` needs. Its
+        requests in flight keep their token texts (`retired`) until `forget_model`."""
+        tokenizer = self.tokenizers.pop(name)
+        self.retired[name] = tokenizer
+        saved = (self.config, tokenizer, self.architectures.get(name))
         self.config = self.config.without_model(name)
         self.manager.config = self.config
-        self._token_texts.pop(name, None)
         self.metrics.set_models(self.config.model_names)
         return saved
 
@@ -119,15 +122,21 @@ class ServerState:
         """Undoes `remove_model` (the scheduler refused the unload)."""
         self.config, tokenizer, self.architectures[name] = saved
         self.manager.config = self.config
-        self._token_texts[name] = {}
+        self.retired.pop(name, None)
         self.tokenizers[name] = tokenizer
         self.metrics.set_models(self.config.model_names)
+
+    def forget_model(self, name: str) -> None:
+        """The model's last request is done and the scheduler freed it."""
+        self.retired.pop(name, None)
+        self._token_texts.pop(name, None)
 
     def token_text(self, model: str, token_id: int) -> str:
         cache = self._token_texts[model]
         text = cache.get(token_id)
         if text is None:
-            text = cache[token_id] = self.tokenizers[model].decode([token_id])
+            tokenizer = self.tokenizers.get(model) or self.retired[model]  # a model draining
+            text = cache[token_id] = tokenizer.decode([token_id])
         return text
 
     # -- requests ------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ async def unload_model(request: Request):
         if e.status != 504:  # refused: nothing was done, the model serves on
             state.restore_model(name, saved)
         raise
+    state.forget_model(name)
     return JSONResponse({"success": True, "message": f"model {name!r} unloaded", **result})
 
 

@@ -123,13 +123,18 @@ def test_load_and_unload_while_another_model_streams(live, server, model_paths):
 
 def _stream_long(server, model: str, tokens: int, out: dict) -> threading.Thread:
     def run():
+        # Token texts in the logprobs: the server decodes them while the model drains.
         body = {"model": model, "input_ids": [3, 4, 5], "stream": True,
+                "return_logprob": True, "return_text_in_logprobs": True,
                 "sampling_params": {"max_new_tokens": tokens, "temperature": 0,
                                     "ignore_eos": True}}
         with httpx.stream("POST", server.url + "/generate", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     out["last"] = json.loads(line[6:])
+                    out["texts"] = out.get("texts", 0) + sum(
+                        isinstance(e[2], str) for e in out["last"]["meta_info"][
+                            "output_token_logprobs"])
                     out.setdefault("first", time.monotonic())
         out["end"] = time.monotonic()
 
@@ -169,7 +174,7 @@ def test_unload_lets_requests_in_flight_finish_and_force_ends_them(live, model_p
     stream.join(120)
     unloader.join(120)
     assert out["last"]["meta_info"]["finish_reason"]["type"] == "length"
-    assert out["last"]["meta_info"]["completion_tokens"] == 400
+    assert out["last"]["meta_info"]["completion_tokens"] == 400 == out["texts"]
     assert unloaded["response"].status_code == 200, unloaded["response"].text
     assert unloaded["end"] >= out["end"] - 0.5  # answered once the stream was done
 
