@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -39,6 +38,10 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root, for benchmark.gpu_env
+    sys.path.insert(0, str(ROOT))
+
+from benchmark.gpu_env import setup_paths  # noqa: E402
 LITE = ROOT / "tests" / "data" / "model-configs" / "DeepSeek-V2-Lite"
 VMM_PAGE = 2 << 20
 # The tiny CPU shape: DeepSeek-V2-Lite's layout shrunk (the latent is 48 + 16 values).
@@ -63,15 +66,6 @@ def _parse(argv):
                    help="wall-clock budget: sections starting later are skipped")
     p.add_argument("--skip-engine", action="store_true", help="kernel sections only")
     return p.parse_args(argv)
-
-
-def _setup_paths(device: str) -> None:
-    if device == "cpu":  # must precede the first import of triton
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    for sub in ("", "scheduler", "kernels"):
-        path = str(ROOT / sub) if sub else str(ROOT)
-        if path not in sys.path:
-            sys.path.insert(0, path)
 
 
 class Report:
@@ -479,7 +473,7 @@ def engine_generate(st: Setup) -> dict:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    _setup_paths(args.device)
+    setup_paths(args.device)
     report = Report(Path(args.out), args.budget_s)
     import torch
 

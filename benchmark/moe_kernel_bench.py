@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the repository root, for benchmark.gpu_env
+    sys.path.insert(0, str(ROOT))
+
+from benchmark.gpu_env import setup_paths  # noqa: E402
 
 # name -> hidden, expert intermediate, experts, top-k, shared expert intermediate, gated
 SHAPES = {
@@ -50,15 +53,6 @@ SWEEP = [
     {"BLOCK_K": 512, "DOWN_BLOCK_K": 512, "num_warps": 8},
     {"DOWN_BLOCK_N": 8, "SPLIT_K": 1},
 ]
-
-
-def _setup_paths(device: str) -> None:
-    if device == "cpu":  # must precede the first import of triton
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    for sub in ("", "scheduler", "kernels"):
-        path = str(ROOT / sub) if sub else str(ROOT)
-        if path not in sys.path:
-            sys.path.insert(0, path)
 
 
 def _parse(argv):
@@ -241,7 +235,7 @@ def rows_default(rows, case) -> float:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    _setup_paths(args.device)
+    setup_paths(args.device)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
