@@ -48,12 +48,17 @@ for p in (REPO, REPO / "scheduler"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from crosspool_scheduler import PrefixCache, RequestTooLarge, SchedReq, SchedulerLimits
+from crosspool_scheduler import (  # noqa: E402
+    PrefixCache,
+    RequestTooLarge,
+    SchedReq,
+    SchedulerLimits,
+)
 
-from benchmark import stats
-from benchmark.sim_costs import CostModel, StepBatch
-from benchmark.sim_layout import Layout, SimKV, Worker, build_layout
-from benchmark.trace import clamp, prompt_ids, read_trace
+from benchmark import stats  # noqa: E402
+from benchmark.sim_costs import CostModel, StepBatch  # noqa: E402
+from benchmark.sim_layout import Layout, SimKV, Worker, build_layout  # noqa: E402
+from benchmark.trace import clamp, prompt_ids, read_trace  # noqa: E402
 
 __all__ = ["Layout", "PrefixCache", "SimKV", "Worker", "build_layout", "replay", "simulate",
            "simulate_sequence", "summarize"]

@@ -29,7 +29,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:  # lets the script run without installing the package
     sys.path.insert(0, str(_REPO_ROOT))
 
-from sglang_crosspool.testing.checkpoints import (
+from sglang_crosspool.testing.checkpoints import (  # noqa: E402
     ALL_ARCHS,
     ARCHS,
     SIZES,

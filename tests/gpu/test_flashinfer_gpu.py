@@ -24,12 +24,12 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs a CUDA GPU and compiled kernels", allow_module_level=True)
 pytest.importorskip("triton")
 
-from sglang_crosspool.engine.attention import (
+from sglang_crosspool.engine.attention import (  # noqa: E402
     TorchAttention,
     TritonAttention,
     get_attention_backend,
 )
-from sglang_crosspool.engine.forward_batch import ForwardBatch
+from sglang_crosspool.engine.forward_batch import ForwardBatch  # noqa: E402
 
 DEV = torch.device("cuda", torch.cuda.current_device())
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}

@@ -17,7 +17,7 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs a CUDA GPU and compiled Triton kernels", allow_module_level=True)
 pytest.importorskip("triton")
 
-from crosspool_kernels import KERNELS
+from crosspool_kernels import KERNELS  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16

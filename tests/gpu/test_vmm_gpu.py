@@ -14,9 +14,9 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from sglang_crosspool.memory import cuda_vmm
-from sglang_crosspool.memory.kv_pool import KVPool
-from sglang_crosspool.memory.page_backend import PagingError
+from sglang_crosspool.memory import cuda_vmm  # noqa: E402
+from sglang_crosspool.memory.kv_pool import KVPool  # noqa: E402
+from sglang_crosspool.memory.page_backend import PagingError  # noqa: E402
 
 DEV = torch.device("cuda", torch.cuda.current_device())
 MIB = 1 << 20

@@ -11,11 +11,11 @@ import pytest
 for _module in ("fastapi", "zmq", "prometheus_client"):  # listed in requirements-server.txt
     pytest.importorskip(_module)
 
-from fastapi.testclient import TestClient
+from fastapi.testclient import TestClient  # noqa: E402
 
-from sglang_crosspool.server.engine_client import InProcessEngineClient
-from sglang_crosspool.server.http_server import create_app
-from sglang_crosspool.server_args import ServerArgs
+from sglang_crosspool.server.engine_client import InProcessEngineClient  # noqa: E402
+from sglang_crosspool.server.http_server import create_app  # noqa: E402
+from sglang_crosspool.server_args import ServerArgs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
