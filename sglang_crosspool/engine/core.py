@@ -347,7 +347,8 @@ class EngineCore:
         With `pipeline_microbatches` > 1 the step holds that many micro-batches - batches of
         distinct models, else one model's batch split - run in the layer-wise pipeline.
         """
-        depth = 2 if self.config.pipeline_models else self.config.pipeline_microbatches
+        # Two models a step where pair graphs can run them (--pipeline-models over p2p).
+        depth = 2 if self.pair_graphs else self.config.pipeline_microbatches
         batches = self.scheduler.schedule_many(depth)
         if not batches:
             # Only requests whose grammar compiles: wait a little for one, not a busy loop.
