@@ -164,6 +164,10 @@ class P2PFFNExecutor(FFNExecutor):
                         pass
                     return
 
+    def live_models_refused(self) -> str | None:
+        return ("the p2p crossing's FFN server loop (one Step message per step) has no load "
+                "path yet, and its arena and step plans are sized for the start-up models")
+
     def failure(self) -> str | None:
         return self.broken or self.pool.failure()
 
