@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmark.gpu_env import cuda_ms
 from sglang_crosspool import Engine
 from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
 from sglang_crosspool.models.registry import resolve
@@ -52,18 +53,6 @@ def measure_hbm_bandwidth() -> float:
         dst.copy_(src)
     ms = cuda_ms(lambda: dst.copy_(src), 10)
     return 2 * (4 << 30) / (ms / 1e3)  # the buffers go back to the cache on return
-
-
-def cuda_ms(fn, n: int) -> float:
-    """Mean milliseconds per call of fn over n calls, by CUDA events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 # -- roofline ---------------------------------------------------------------------------------

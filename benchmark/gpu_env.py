@@ -1,5 +1,6 @@
-"""What a standalone benchmark script needs before its first import of triton or of the
-repository's packages: the interpreter on CPU, and the three package roots on sys.path."""
+"""What the standalone GPU benchmark scripts share: before their first import of triton or of
+the repository's packages, the interpreter on CPU and the three package roots on sys.path;
+then timing by CUDA events."""
 
 from __future__ import annotations
 
@@ -17,3 +18,17 @@ def setup_paths(device: str) -> None:
         path = str(ROOT / sub) if sub else str(ROOT)
         if path not in sys.path:
             sys.path.insert(0, path)
+
+
+def cuda_ms(fn, n: int) -> float:
+    """Mean milliseconds per call of fn over n calls, by CUDA events."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the repository root, for benchmark.gpu_env
     sys.path.insert(0, str(ROOT))
 
-from benchmark.gpu_env import setup_paths  # noqa: E402
+from benchmark.gpu_env import cuda_ms, setup_paths  # noqa: E402
 LITE = ROOT / "tests" / "data" / "model-configs" / "DeepSeek-V2-Lite"
 VMM_PAGE = 2 << 20
 # The tiny CPU shape: DeepSeek-V2-Lite's layout shrunk (the latent is 48 + 16 values).
@@ -141,26 +141,13 @@ def time_ms(fn, iters: int, device, graph_calls: int = 0) -> dict:
                 for _ in range(graph_calls):
                     fn()
             graph.replay()
-            ms = _event_ms(graph.replay, max(3, iters // 4)) / graph_calls
+            ms = cuda_ms(graph.replay, max(3, iters // 4)) / graph_calls
             return {"ms": ms, "how": f"cuda graph of {graph_calls} calls"}
         except Exception as e:  # noqa: BLE001 - fall back to eager timing
-            eager = _event_ms(fn, iters)
+            eager = cuda_ms(fn, iters)
             return {"ms": eager, "how": "cuda events, eager (graph failed: "
                                         f"{type(e).__name__}: {str(e)[:200]})"}
-    return {"ms": _event_ms(fn, iters), "how": "cuda events, eager"}
-
-
-def _event_ms(fn, n: int) -> float:
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    return {"ms": cuda_ms(fn, iters), "how": "cuda events, eager"}
 
 
 def hbm_bandwidth(device) -> float | None:
@@ -171,7 +158,7 @@ def hbm_bandwidth(device) -> float | None:
         return None
     src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = _event_ms(lambda: dst.copy_(src), 10)
+    ms = cuda_ms(lambda: dst.copy_(src), 10)
     return 2 * (2 << 30) / (ms / 1e3)
 
 
