@@ -3,8 +3,8 @@
 With every model's attention on one KV-pool GPU and every expert on the weights-pool GPU, a
 step of one model leaves each GPU idle while the other works: attention waits for the experts,
 the experts wait for the next layer's attention. Splitting one model's small batch into two
-micro-batches fills that gap but reads every expert weight twice, which costs more than it
-saves at batch <= 16 (benchmark/results/p2p-2xh200/). Two *different* models' batches have
+micro-batches fills that gap but reads every expert weight twice, which cost more than it
+saved at 1k context and batch 1-64 (benchmark/results/p2p-2xh200/). Two *different* models' batches have
 nothing to share: while the experts of model A's layer i run on the weights-pool GPU, model
 B's layer-i attention runs on the KV-pool GPU, and no weight is read twice.
 
@@ -21,7 +21,6 @@ order, on the buckets both have up to PAIR_GRAPH_MAX_BS.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +28,6 @@ import torch
 from sglang_crosspool.engine.cuda_graph import DecodeGraphs, capture_step, replay_step
 from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
 from sglang_crosspool.engine.model_runner import MicroBatch, pipelined_layers
-
-log = logging.getLogger("sglang_crosspool.pair_graphs")
 
 # Pairs are captured on batch buckets up to this: past it a step's weight reads are shared by
 # more rows and one model's graph alone keeps both GPUs busier (and graphs cost memory).
