@@ -125,12 +125,12 @@ def test_fused_moe_bf16(tokens, experts, top_k):
     _close(op.triton(h, w13, w2, weights, ids), op.reference(h, w13, w2, weights, ids), 3e-2)
 
 
-@pytest.mark.parametrize(("tokens", "experts", "top_k", "inter", "shared"), [
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "inter", "shared_inter"), [
     (1, 128, 8, 768, 0),  # Qwen3-30B-A3B
     (4, 60, 4, 1408, 5632),  # Qwen1.5-MoE-A2.7B, gated shared expert
     (8, 8, 2, 3584, 0),  # Mixtral-like, narrower
 ])
-def test_moe_small_batch_bf16(tokens, experts, top_k, inter, shared):
+def test_moe_small_batch_bf16(tokens, experts, top_k, inter, shared_inter):
     op, hidden = KERNELS["moe_small_batch"], 2048
     h = torch.randn(tokens, hidden, device=DEV, dtype=BF16)
     w13 = (torch.randn(experts, 2 * inter, hidden, device=DEV) / hidden**0.5).to(BF16)
@@ -138,9 +138,10 @@ def test_moe_small_batch_bf16(tokens, experts, top_k, inter, shared):
     weights, ids = torch.topk(torch.randn(tokens, experts, device=DEV).softmax(-1), top_k)
     weights = weights.to(BF16)
     extra = {}
-    if shared:
-        extra = {"shared_w13": (torch.randn(2 * shared, hidden, device=DEV) / hidden**0.5).to(BF16),
-                 "shared_w2": (torch.randn(hidden, shared, device=DEV) / shared**0.5).to(BF16),
+    if shared_inter:  # width of the shared expert, 0: none
+        s = shared_inter
+        extra = {"shared_w13": (torch.randn(2 * s, hidden, device=DEV) / hidden**0.5).to(BF16),
+                 "shared_w2": (torch.randn(hidden, s, device=DEV) / s**0.5).to(BF16),
                  "shared_gate": (torch.randn(1, hidden, device=DEV) / hidden**0.5).to(BF16)}
     for split in (0, 1, 3):
         got = op.triton(h, w13, w2, weights, ids, config={"SPLIT_K": split}, **extra)
