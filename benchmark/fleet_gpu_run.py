@@ -42,22 +42,15 @@ FLEET = ("qwen3-30b=Qwen3-30B-A3B,qwen15-a=Qwen1.5-MoE-A2.7B,qwen15-b=Qwen1.5-Mo
 CPU_DEVICES: list[int] = []  # --cpu N: N stand-in devices of --cpu-memory bytes, no nvidia-smi
 
 
-def gpu_used_bytes() -> list[int]:
+def gpu_memory() -> tuple[list[int], list[int]]:
+    """Per GPU: (bytes used, bytes in all), as nvidia-smi reports them (MiB)."""
     if CPU_DEVICES:
-        return [0] * len(CPU_DEVICES)
+        return [0] * len(CPU_DEVICES), list(CPU_DEVICES)
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total",
                           "--format=csv,noheader,nounits"], capture_output=True, text=True,
                          check=True).stdout
-    return [int(line.split(",")[0]) << 20 for line in out.strip().splitlines()]
-
-
-def gpu_total_bytes() -> list[int]:
-    if CPU_DEVICES:
-        return list(CPU_DEVICES)
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                         check=True).stdout
-    return [int(line) << 20 for line in out.strip().splitlines()]
+    rows = [[int(x) << 20 for x in line.split(",")] for line in out.strip().splitlines()]
+    return [used for used, _ in rows], [total for _, total in rows]
 
 
 def get_json(url: str, timeout: float = 60) -> dict:
@@ -173,7 +166,7 @@ def run_mode(mode: str, args, plan: Path, out: Path, paths: dict[str, Path],
     names = list(paths)
     folder = out / mode
     folder.mkdir(parents=True, exist_ok=True)
-    idle = gpu_used_bytes()
+    idle = gpu_memory()[0]
     device = ["--device", "cuda"] if not CPU_DEVICES else [
         "--devices", ",".join(["cpu"] * len(CPU_DEVICES)), "--dtype", "bfloat16"]
     extra = ["--plan", str(plan), *device, "--load-format", "dummy", *args.server_args.split()]
@@ -195,7 +188,7 @@ def run_mode(mode: str, args, plan: Path, out: Path, paths: dict[str, Path],
                                "server_counters": summary["server_counters"],
                                "errors": [r["error"] for r in summary.get("records", [])
                                           if r.get("error")][:20]}
-        used = gpu_used_bytes()
+        used = gpu_memory()[0]
         report = get_json(server.url + "/plan")
         result["plan_report"] = report
         result["gpus"] = compare(report, used, idle)
@@ -268,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     CPU_DEVICES[:] = [args.cpu_memory] * args.cpu
     paths = make_fleet(Path("/tmp/fleet-configs"), args.fleet)
-    totals = gpu_total_bytes()
+    totals = gpu_memory()[1]
     plan = make_plan(args.out, paths, len(totals), min(totals), args.mem_fraction, args.traffic,
                      args.plan_args.split())
     results = {}

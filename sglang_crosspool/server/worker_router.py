@@ -13,9 +13,10 @@ where a model has replicas), answers control requests from all workers together,
 their stats, keeping each worker's under `workers` (device, models, KV pages, weight bytes)
 for the per-device metrics.
 
-Placement (`place_models`) is made once at start-up from the model configs and the devices:
-largest models first, each onto the device with the fewest bytes so far (weights and, in
-`static` mode, the model's fixed KV slice count as the same budget on every device).
+Placement is made once at start-up: by the plan where there is one (`--plan`, or the plan a
+launch over several GPUs makes), its models and KV pages per worker; otherwise (CPU stand-ins)
+by `place_models`, from the model configs: largest models first, each onto the device with
+the fewest bytes so far. Models loaded later go to the lightest worker (`/load_model`).
 
 A worker that dies ends the requests it held with an error naming it; its models are then
 refused with 503, and the other workers serve on. The server stops only when every worker

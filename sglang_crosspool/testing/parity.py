@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import torch
 
+# Prompts of every parity test: short, repeated and long enough to cross a chunk or a block.
+PARITY_PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11],
+    [100, 200, 300],
+    [42] * 21,
+    list(range(1, 41)),
+    [900],
+]
+
 
 def hf_greedy(hf, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """HF's greedy continuation of `prompt` and its logits at each step."""

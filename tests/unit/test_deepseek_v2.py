@@ -26,17 +26,11 @@ from sglang_crosspool.testing.checkpoints import (
     make_model,
 )
 from sglang_crosspool.testing.multimodel import run_all
-from sglang_crosspool.testing.parity import parity_problems
+from sglang_crosspool.testing.parity import PARITY_PROMPTS, parity_problems
 
 ARCH = "deepseek_v2"
 LITE = Path(__file__).resolve().parents[1] / "data" / "model-configs" / "DeepSeek-V2-Lite"
-PROMPTS = [
-    [5, 6, 7, 8, 9, 10, 11],
-    [100, 200, 300],
-    [42] * 21,
-    list(range(1, 41)),
-    [900],
-]
+PROMPTS = PARITY_PROMPTS
 NEW_TOKENS = 16
 GREEDY = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
 

@@ -7,15 +7,9 @@ import torch
 
 from sglang_crosspool import Engine
 from sglang_crosspool.testing.checkpoints import ARCHS
-from sglang_crosspool.testing.parity import parity_problems
+from sglang_crosspool.testing.parity import PARITY_PROMPTS, parity_problems
 
-PROMPTS = [
-    [5, 6, 7, 8, 9, 10, 11],
-    [100, 200, 300],
-    [42] * 21,
-    list(range(1, 41)),
-    [900],
-]
+PROMPTS = PARITY_PROMPTS
 NEW_TOKENS = 32
 GREEDY = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
 
