@@ -1,0 +1,155 @@
+"""`Group`: the collectives one model's ranks use; a one-rank identity and torch.distributed.
+
+See the package docstring for the contract. Every collective must be called by every rank of
+the group in the same order (lockstep); a rank that skips one leaves the others blocked until
+the group's timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Group(ABC):
+    """The ranks running one model's forward together."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums t over the ranks, in place; returns t."""
+
+    @abstractmethod
+    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's t (same shape on every rank), concatenated along dim in rank order."""
+
+    @abstractmethod
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrites t with rank src's t, in place; returns t."""
+
+    @abstractmethod
+    def broadcast_object(self, obj=None, src: int = 0):
+        """Rank src's obj (picklable, small: a control message), on every rank."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Returns once every rank has called it."""
+
+    def close(self) -> None:
+        """Leaves the group (no collective may follow)."""
+
+
+class SingleGroup(Group):
+    """World size 1: every collective is the identity (in-process engines and TP 1)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.rank = 0
+        self.world_size = 1
+        self.device = torch.device(device)
+
+    def all_reduce(self, t):
+        return t
+
+    def all_gather(self, t, dim=0):
+        return t
+
+    def broadcast(self, t, src=0):
+        return t
+
+    def broadcast_object(self, obj=None, src=0):
+        return obj
+
+    def barrier(self):
+        pass
+
+
+class TorchGroup(Group):
+    """Ranks joined by torch.distributed's default process group (gloo on CPU, NCCL on CUDA),
+    plus a gloo group over the same ranks for small objects."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, cpu_group):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self._cpu_group = cpu_group  # None: the default group is gloo already
+
+    def all_reduce(self, t):
+        self._dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t, dim=0):
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, t)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, t, src=0):
+        self._dist.broadcast(t, src)
+        return t
+
+    def broadcast_object(self, obj=None, src=0):
+        # Length then bytes, over gloo: two CPU broadcasts, no device involved.
+        group = self._cpu_group
+        if self.rank == src:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            size = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        self._dist.broadcast(size, src, group=group)
+        if self.rank != src:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._dist.broadcast(payload, src, group=group)
+        return obj if self.rank == src else pickle.loads(payload.numpy().tobytes())
+
+    def barrier(self):
+        self._dist.barrier(group=self._cpu_group)
+
+    def close(self):
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+
+def init_group(rank: int, world_size: int, init_method: str | None = None,
+               device: torch.device | str = "cpu", backend: str | None = None,
+               timeout_s: float = 600.0) -> Group:
+    """Joins ranks 0..world_size-1 (blocks until all have called it); a `SingleGroup` for one
+    rank. `backend`: default gloo on CPU, nccl on CUDA. On CUDA, `device` becomes the current
+    device first (NCCL and Triton launch on the current device)."""
+    device = torch.device(device)
+    if world_size == 1:
+        return SingleGroup(device)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a group of {world_size}")
+    if init_method is None:
+        raise ValueError("init_method: a group of several ranks needs a rendezvous address "
+                         "(tcp://127.0.0.1:PORT)")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise RuntimeError("this process already belongs to a torch.distributed group (one per "
+                           "process: crosspool's dist/nccl FFN transports use it too)")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"backend nccl needs a CUDA device, got {device}")
+    if device.type == "cuda":
+        if device.index is None:
+            raise ValueError("device: name the GPU of this rank, e.g. cuda:1")
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return TorchGroup(rank, world_size, device, cpu_group)
