@@ -10,6 +10,8 @@ What flows in and out (shapes as the engine lays them out; T = new tokens of a s
   causal over the cached prefix and the new tokens; decode rows (q_len 1) may be mixed in.
 - mla_decode: q [B, H, r + p] (absorbed into the latent space, then its roped part) + one
   latent cache [num_slots, 1, r + p] + block_tables + ctx_lens -> [B, H, r] (MLA, DeepSeek).
+- merge_state: partial outputs [R, ..., H, D] + their log-sum-exp [R, ..., H] -> merged
+  (out, lse) (the sequence split's reduction over ranks).
 - rms_norm / fused_add_rms_norm: x [..., N] (+ residual) -> normed (, x + residual).
 - rope: q [T, H, d], k [T, KVH, d], positions [T], cos/sin [max_pos, rot] -> rotated q, k.
 - fused_moe: hidden [T, Hd], topk_ids / topk_weights [T, k], w13 [E, 2I, Hd], w2 [E, Hd, I]
@@ -38,6 +40,7 @@ _OPS: dict[str, tuple[str, str, str]] = {
     "decode_attention": ("decode_attention", "decode_attention", "decode_attention_ref"),
     "prefill_attention": ("prefill_attention", "prefill_attention", "prefill_attention_ref"),
     "mla_decode": ("mla_decode", "mla_decode", "mla_decode_ref"),
+    "merge_state": ("merge_state", "merge_state", "merge_state_ref"),
     "rms_norm": ("rmsnorm", "rms_norm", "rms_norm_ref"),
     "fused_add_rms_norm": ("rmsnorm", "fused_add_rms_norm", "fused_add_rms_norm_ref"),
     "rope": ("rope", "apply_rope", "apply_rope_ref"),
