@@ -13,3 +13,7 @@ GRAMMAR_BACKENDS = ("xgrammar", "none")
 # The small-batch MoE path (grouped GEMVs over the chosen experts) at <= 8 tokens; auto: on
 # CUDA; on: wherever Triton runs (the CPU interpreter, for tests); off: the fused-MoE GEMM.
 MOE_SMALL_BATCH = ("auto", "on", "off")
+# How one model's attention spreads over several ranks' KV pools (issue 16): none; seq: each
+# request's KV pages over every rank, partials merged by log-sum-exp; head: KV heads divided
+# (tensor parallelism of attention, as --tp-size).
+ATTENTION_SPLITS = ("none", "seq", "head")

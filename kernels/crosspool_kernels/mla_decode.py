@@ -92,10 +92,10 @@ def _mla_decode_split_kernel(
 
 @triton.jit
 def _mla_merge_kernel(
-    mid_ptr, lse_ptr, o_ptr,
+    mid_ptr, lse_ptr, o_ptr, lse_out_ptr,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-    rank, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_xb, stride_xh, rank, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     # One program per (sequence, head, slice of BLOCK_D latent dims): with up to hundreds of
     # splits the [splits, dims] tile of one program stays a few thousand values.
@@ -115,6 +115,11 @@ def _mla_merge_kernel(
     out = tl.sum(w[:, None] * part, 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty),
              mask=dmask)
+    if WRITE_LSE:  # the row's natural log-sum-exp (sequence split: partials merge by it)
+        merged = tl.where(den == 0.0, float("-inf"),
+                          (top + tl.log2(tl.maximum(den, 1e-30))) * 0.6931471805599453)
+        tl.store(lse_out_ptr + b * stride_xb + h * stride_xh, merged,
+                 mask=tl.program_id(2) == 0)
 
 
 def mla_decode_config(batch: int, num_heads: int, rank: int, rope_dim: int, device,
@@ -133,9 +138,13 @@ def mla_decode(
     q: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor, ctx_lens,
     block_tokens: int, value_dim: int, sm_scale: float, out: torch.Tensor | None = None,
     num_splits: int | None = None, max_ctx_len: int | None = None, config: dict | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention of q [B, H, r + p] over each sequence's paged latents
-    [slots, 1, r + p] (r = value_dim); returns [B, H, r] in q's dtype.
+    [slots, 1, r + p] (r = value_dim); returns [B, H, r] in q's dtype (or out's).
+
+    `lse_out` [B, H] float32: also write each row's natural log-sum-exp of the scaled scores
+    there (-inf for an empty row), for merging with partials over other keys (sequence split).
 
     `num_splits`, `max_ctx_len` and `config` as in decode_attention (fix num_splits under
     CUDA graphs). NOTE: a list ctx_lens is copied to the device here.
@@ -166,7 +175,7 @@ def mla_decode(
     grid = (batch, cdiv(num_heads, block_h), num_splits)
     scale_log2 = sm_scale * math.log2(math.e)
     shape_args = (scale_log2, block_tokens, num_heads, rank, rope_dim, num_splits)
-    if num_splits == 1:
+    if num_splits == 1 and lse_out is None:
         _mla_decode_split_kernel[grid](
             q, latent_cache, block_tables, ctx, out, out,
             q.stride(0), q.stride(1), latent_cache.stride(0), block_tables.stride(0),
@@ -179,13 +188,14 @@ def mla_decode(
         q.stride(0), q.stride(1), latent_cache.stride(0), block_tables.stride(0),
         mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
         *shape_args, DIRECT=False, **common)
-    block_s = next_pow2(num_splits)
+    block_s = max(2, next_pow2(num_splits))
     block_d = max(16, min(next_pow2(rank), 4096 // block_s))
+    lse_args = (lse_out.stride(0), lse_out.stride(1)) if lse_out is not None else (0, 0)
     _mla_merge_kernel[(batch, num_heads, cdiv(rank, block_d))](
-        mid, lse, out,
+        mid, lse, out, lse_out if lse_out is not None else lse,
         mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), rank, num_splits,
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        out.stride(0), out.stride(1), *lse_args, rank, num_splits,
+        BLOCK_S=block_s, BLOCK_D=block_d, WRITE_LSE=lse_out is not None, num_warps=4,
     )
     return out
 
