@@ -179,7 +179,7 @@ def attention_in_graph(runner, graphs, fake: FakeContext, n: int) -> float:
     (timed eagerly, launch overhead would hide the kernels). Returns ms per step (x layers)."""
     spec = runner.model.spec
     bs = min(b for b in graphs.graphs if b >= len(fake.lists.ids))
-    fb = graphs.graphs[bs].fb
+    fb = graphs.graphs[bs].fbs[0]  # one micro-batch: the whole bucket
     fb.ctx_lens = graphs.buffers.fill(fake.lists, bs)
     runner.backend.prepare_graph(fb)
     q = torch.randn(bs, spec.num_heads, spec.head_dim, device="cuda", dtype=torch.bfloat16)

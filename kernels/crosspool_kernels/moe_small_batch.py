@@ -52,14 +52,19 @@ from crosspool_kernels.tuned import get_config
 # Largest batch the engine sends here; above it the fused-MoE GEMM reuses each expert's tiles
 # across tokens and wins.
 SMALL_BATCH_MAX_TOKENS = 8
+# Largest batch `auto` sends here. On an H200 (benchmark/results/moe-small-batch-h200/) the
+# path beat the fused-MoE GEMM at 1 token on every shape (1.06-1.36x), tied at 2 and lost from
+# 4 tokens on (0.56-0.95x).
+AUTO_MAX_TOKENS = 2
 
 
 def use_small_batch(mode: str, num_tokens: int, device) -> bool:
     """The selection behind --moe-small-batch: `auto` on CUDA, `on` wherever Triton runs (the
-    interpreter on CPU, for tests), `off` never; always only up to SMALL_BATCH_MAX_TOKENS."""
+    interpreter on CPU, for tests), `off` never; `on` up to SMALL_BATCH_MAX_TOKENS, `auto` up to
+    AUTO_MAX_TOKENS."""
     if mode == "off" or not 0 < num_tokens <= SMALL_BATCH_MAX_TOKENS:
         return False
-    if mode == "auto" and torch.device(device).type != "cuda":
+    if mode == "auto" and (torch.device(device).type != "cuda" or num_tokens > AUTO_MAX_TOKENS):
         return False
     return triton_usable(device)
 
