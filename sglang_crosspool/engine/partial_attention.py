@@ -8,7 +8,8 @@ at absolute positions k_pos [m], in any order (a rank's pages of the sequence). 
 its query is masked (causal by position, so prefill rows and decode rows are the same case).
 In (MLA, absorbed): q [n, H, r + p], latents [m, r + p]; values are the first r entries.
 Out: the softmax-normalized output over these keys only [n, H, dv] (float32) and its natural
-log-sum-exp lse [n, H] (float32; -inf where no key is visible, output 0 there).
+log-sum-exp lse [n, H] (float32; -inf where no key is visible, output 0 there). Products run
+in q's dtype (float32 on CPU), softmax and the results in float32.
 
     merge: out = sum_r exp(lse_r - L) out_r / sum_r exp(lse_r - L),  L = max_r lse_r
            lse = L + log(sum_r exp(lse_r - L))
@@ -27,10 +28,11 @@ SCORE_ELEMENTS = 1 << 27
 
 
 def _softmax_partial(scores: torch.Tensor, values: torch.Tensor, einsum: str):
-    """scores [H, n, m] (masked with -inf) -> (out [n, H, dv], lse [n, H]), float32."""
+    """scores [H, n, m] float32 (masked with -inf) -> (out [n, H, dv], lse [n, H]), float32.
+    The products run in the values' dtype, as the unsplit torch paths do (bf16 on GPUs)."""
     lse = torch.logsumexp(scores, dim=-1)  # [H, n]; -inf where every key is masked
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.einsum(einsum, probs, values)
+    out = torch.einsum(einsum, probs.to(values.dtype), values).float()
     return out, lse.transpose(0, 1).contiguous()
 
 
@@ -48,10 +50,10 @@ def partial_attention(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor,
     lse = q.new_full((n, heads), float("-inf"), dtype=torch.float32)
     if keys.shape[0] == 0 or n == 0:
         return out, lse
-    kf = keys.float().repeat_interleave(groups, dim=1)  # [m, H, d]
-    vf = values.float().repeat_interleave(groups, dim=1)
+    kf = keys.to(q.dtype).repeat_interleave(groups, dim=1)  # [m, H, d]
+    vf = values.to(q.dtype).repeat_interleave(groups, dim=1)
     for c0, c1 in _chunks(n, heads, keys.shape[0]):
-        scores = torch.einsum("qhd,khd->hqk", q[c0:c1].float(), kf) * scale
+        scores = torch.einsum("qhd,khd->hqk", q[c0:c1], kf).float() * scale
         scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, c0:c1, None],
                                     float("-inf"))
         out[c0:c1], lse[c0:c1] = _softmax_partial(scores, vf, "hqk,khd->qhd")
@@ -67,9 +69,9 @@ def partial_latent_attention(q: torch.Tensor, q_pos: torch.Tensor, latents: torc
     lse = q.new_full((n, heads), float("-inf"), dtype=torch.float32)
     if latents.shape[0] == 0 or n == 0:
         return out, lse
-    lf = latents.float()
+    lf = latents.to(q.dtype)
     for c0, c1 in _chunks(n, heads, latents.shape[0]):
-        scores = torch.einsum("qhd,kd->hqk", q[c0:c1].float(), lf) * scale
+        scores = torch.einsum("qhd,kd->hqk", q[c0:c1], lf).float() * scale
         scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, c0:c1, None],
                                     float("-inf"))
         out[c0:c1], lse[c0:c1] = _softmax_partial(scores, lf[:, :value_dim], "hqk,kr->qhr")
