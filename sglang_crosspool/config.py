@@ -85,11 +85,12 @@ class EngineConfig:
     # Two models' decode batches pipelined in one step and one CUDA graph (crosspool p2p):
     # one's attention runs while the other's experts run; see engine/pair_graphs.py.
     pipeline_models: bool = False
-    # The small-batch MoE path at <= 8 tokens (--moe-small-batch): auto (CUDA) | on | off.
-    # NOTE: FFN server processes and models loaded while serving use `auto` for now.
-    # The small-batch MoE path (kernels/crosspool_kernels/moe_small_batch.py): off until it
-    # has run on a GPU; auto: on CUDA at <= 8 tokens.
-    moe_small_batch: str = "off"
+    # The small-batch MoE path (kernels/crosspool_kernels/moe_small_batch.py,
+    # --moe-small-batch): auto | on | off. auto: on CUDA at <= 2 tokens, where it beat the
+    # fused-MoE GEMM on an H200 (benchmark/results/moe-small-batch-h200/); on: <= 8 tokens,
+    # Triton anywhere (the interpreter on CPU). FFN server processes and models loaded while
+    # serving always use auto.
+    moe_small_batch: str = "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -162,7 +163,7 @@ class EngineConfig:
         disable_radix_cache: bool = False,
         radix_cache_floor_pages: dict[str, int] | None = None,
         pipeline_models: bool = False,
-        moe_small_batch: str = "off",
+        moe_small_batch: str = "auto",
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:

@@ -52,7 +52,7 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
 
 
 def build_halves(path: str, shares: list[list[int]], device, dtype: str,
-                 load_format: str, moe_small_batch: str = "off") -> list:
+                 load_format: str, moe_small_batch: str = "auto") -> list:
     """One model's FFN, as one half per expert share (the first with the shared experts and
     dense MLPs), read from its checkpoint onto `device`."""
     spec, arch = resolve(path)

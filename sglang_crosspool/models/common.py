@@ -275,7 +275,7 @@ class FFNHalf:
         dtype: torch.dtype,
         experts: list[int] | None = None,
         with_shared: bool = True,
-        moe_small_batch: str = "off",
+        moe_small_batch: str = "auto",
     ):
         self.spec = spec
         self.device = device

@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 from crosspool_kernels.fused_moe import fused_moe_ref
 from crosspool_kernels.moe_small_batch import (
+    AUTO_MAX_TOKENS,
     moe_small_batch,
     moe_small_batch_ref,
     split_k,
@@ -101,6 +102,7 @@ def test_split_k_choice():
 def test_selection(monkeypatch):
     assert not use_small_batch("off", 1, "cpu")
     assert not use_small_batch("auto", 1, "cpu")  # auto: CUDA only
+    assert not use_small_batch("auto", AUTO_MAX_TOKENS + 1, "cuda")  # and only where it won
     assert not use_small_batch("on", 9, "cpu")  # never above 8 tokens
     assert not use_small_batch("on", 0, "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
