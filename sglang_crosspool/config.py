@@ -91,6 +91,11 @@ class EngineConfig:
     # Triton anywhere (the interpreter on CPU). FFN server processes and models loaded while
     # serving always use auto.
     moe_small_batch: str = "auto"
+    # Tensor / expert parallelism of every model over tp_size ranks (processes; GPUs
+    # device..device+tp_size-1 on CUDA), ep_size expert groups among them
+    # (engine/tensor_parallel.py, models/parallel.py).
+    tp_size: int = 1
+    ep_size: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -164,6 +169,8 @@ class EngineConfig:
         radix_cache_floor_pages: dict[str, int] | None = None,
         pipeline_models: bool = False,
         moe_small_batch: str = "auto",
+        tp_size: int = 1,
+        ep_size: int = 1,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -214,7 +221,44 @@ class EngineConfig:
                    grammar_jump_forward=grammar_jump_forward,
                    radix_cache=not disable_radix_cache,
                    radix_cache_floor_pages=_floors(radix_cache_floor_pages, names),
-                   pipeline_models=pipeline_models, moe_small_batch=moe_small_batch)
+                   pipeline_models=pipeline_models, moe_small_batch=moe_small_batch,
+                   **_parallel(tp_size, ep_size, entries, pool_mode, device,
+                               disable_cuda_graph, pipeline_microbatches, pipeline_models))
+
+
+def _parallel(tp_size: int, ep_size: int, entries: list[ModelEntry], pool_mode: str,
+              device: str, disable_cuda_graph: bool, microbatches: int,
+              pipeline_models: bool) -> dict:
+    """Checks --tp-size / --ep-size against the models and the other options; refuses what
+    tensor parallelism does not run with yet."""
+    from sglang_crosspool.models.parallel import ParallelError, ShardPlan
+
+    if tp_size == 1 and ep_size == 1:
+        return {"tp_size": 1, "ep_size": 1}
+    try:
+        plan = ShardPlan(0, tp_size, ep_size)
+        for entry in entries:
+            plan.check(entry.spec)
+    except ParallelError as e:
+        raise ValueError(f"tp_size/ep_size: {e}") from None
+    refused = [
+        (pool_mode == "crosspool", ("pool_mode 'crosspool' (its FFN servers are not "
+                                    "tensor-parallel yet); use static or monolithic")),
+        (microbatches > 1, "pipeline_microbatches > 1"),
+        (pipeline_models, "pipeline_models"),
+        (torch.device(device).type == "cuda" and not disable_cuda_graph,
+         ("CUDA graphs (not captured with collectives yet): pass disable_cuda_graph "
+          "(--disable-cuda-graph)")),
+    ]
+    for hit, what in refused:
+        if hit:
+            raise ValueError(f"tp_size {tp_size} / ep_size {ep_size}: not supported with {what}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and \
+            (dev.index or 0) + tp_size > torch.cuda.device_count():
+        raise ValueError(f"tp_size {tp_size}: ranks use {device} and the next GPUs, but only "
+                         f"{torch.cuda.device_count()} are visible")
+    return {"tp_size": tp_size, "ep_size": ep_size}
 
 
 def model_entry(path, name: str, context_length: int | None = None) -> ModelEntry:

@@ -124,10 +124,14 @@ class TorchGroup(Group):
 
 def init_group(rank: int, world_size: int, init_method: str | None = None,
                device: torch.device | str = "cpu", backend: str | None = None,
-               timeout_s: float = 600.0) -> Group:
+               timeout_s: float = 600.0, control_timeout_s: float | None = None) -> Group:
     """Joins ranks 0..world_size-1 (blocks until all have called it); a `SingleGroup` for one
     rank. `backend`: default gloo on CPU, nccl on CUDA. On CUDA, `device` becomes the current
-    device first (NCCL and Triton launch on the current device)."""
+    device first (NCCL and Triton launch on the current device).
+
+    `timeout_s` bounds every tensor collective (a dead rank surfaces as an error after it).
+    `control_timeout_s` gives `broadcast_object` its own gloo group with that timeout: a
+    follower waiting for the next step may wait for hours while its server is idle."""
     device = torch.device(device)
     if world_size == 1:
         return SingleGroup(device)
@@ -151,5 +155,8 @@ def init_group(rank: int, world_size: int, init_method: str | None = None,
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timeout)
-    cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    cpu_group = None
+    if backend != "gloo" or control_timeout_s is not None:
+        control = datetime.timedelta(seconds=control_timeout_s or timeout_s)
+        cpu_group = dist.new_group(backend="gloo", timeout=control)
     return TorchGroup(rank, world_size, device, cpu_group)

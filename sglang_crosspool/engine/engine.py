@@ -7,15 +7,15 @@
 from __future__ import annotations
 
 from sglang_crosspool.config import EngineConfig
-from sglang_crosspool.engine.core import EngineCore
 from sglang_crosspool.engine.request import EngineRequest
 from sglang_crosspool.engine.sampling_params import InvalidRequest, SamplingParams
+from sglang_crosspool.engine.tensor_parallel import make_core
 
 
 class Engine:
     def __init__(self, model_path, **options):
         self.config = EngineConfig.build(model_path, **options)
-        self.core = EngineCore(self.config)
+        self.core = make_core(self.config)  # rank 0 of a TP group under --tp-size
 
     @property
     def models(self) -> list[str]:

@@ -20,6 +20,10 @@ Blocks are reference counted (the prefix cache shares one block between the cach
 request that reuses it): `alloc_blocks` maps a block with count 1, `retain` adds a holder, and
 `free_blocks` drops one; only the last drop unmaps the block's pages. So a shared block is
 mapped once and unmapped once, whatever the backend (simulated or CUDA VMM) below.
+
+Tensor parallelism keeps one pool per rank with the same blocks mapped: rank 0's scheduler
+drives its pool, which records every block operation in `journal` (when it is a list), and
+the other ranks `replay` those operations on theirs before each step (engine/tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class KVPool:
         self._spare: list[object] = []  # the reserve: created physical pages not mapped anywhere
         self._pages_out = 0  # physical pages mapped into some model's range
         self.reserve_pages = min(reserve_pages, total_pages)
+        self.journal: list | None = None  # a list: block operations are recorded (TP rank 0)
         self.refill()
 
     @property
@@ -166,6 +171,8 @@ class KVPool:
             kv.refs[b] = 1
         kv.blocks_in_use += n
         self._pages_out += n * kv.pages_per_block
+        if self.journal is not None:
+            self.journal.append(("alloc", model, list(blocks)))
         return blocks
 
     def retain(self, model: str, blocks: list[int]) -> None:
@@ -175,10 +182,14 @@ class KVPool:
             if kv.refs[b] <= 0:
                 raise KVPoolError(f"model {model}: retain of block {b}, which is not mapped")
             kv.refs[b] += 1
+        if self.journal is not None:
+            self.journal.append(("retain", model, list(blocks)))
 
     def free_blocks(self, model: str, blocks: list[int]) -> None:
         """Drops one holder of each block; unmaps the blocks whose last holder this was."""
         kv = self.models[model]
+        if self.journal is not None:
+            self.journal.append(("free", model, list(blocks)))
         last = []
         for b in blocks:
             if kv.refs[b] <= 0:
@@ -200,6 +211,20 @@ class KVPool:
             kv.free_blocks.append(b)
         kv.blocks_in_use -= len(last)
         self._pages_out -= len(last) * kv.pages_per_block
+
+    def replay(self, journal: list) -> None:
+        """Applies another pool's recorded block operations to this one (same models, same
+        budget, same history: so each allocation yields the same blocks, which is checked)."""
+        for op, model, blocks in journal:
+            if op == "alloc":
+                got = self.alloc_blocks(model, len(blocks))
+                if got != blocks:
+                    raise KVPoolError(f"model {model}: replayed allocation gave blocks {got}, "
+                                      f"the recording pool {blocks} (the pools diverged)")
+            elif op == "retain":
+                self.retain(model, blocks)
+            else:
+                self.free_blocks(model, blocks)
 
     def refill(self) -> int:
         """Creates pages until the reserve is full (or the budget is all created); returns how

@@ -67,24 +67,36 @@ class CheckpointFiles:
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The tensor `key`; with `shape`, checks it and names the file on a mismatch."""
+    def get(self, key: str, shape: tuple[int, ...] | None = None,
+            part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The tensor `key`; with `shape`, checks it and names the file on a mismatch. With
+        `part` = (dim, start, stop), only that slice is read (a tensor-parallel rank's share;
+        `shape` is still the whole tensor's)."""
         if key not in self._where:
             raise CheckpointError(f"{self.dir}: tensor '{key}' not found in the checkpoint")
         file = self._where[key]
-        tensor = self._handle(file).get_tensor(key)
         self.read_keys.add(key)
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
+        if part is None:
+            tensor = self._handle(file).get_tensor(key)
+            full = tuple(tensor.shape)
+        else:
+            view = self._handle(file).get_slice(key)
+            full = tuple(view.get_shape())
+        if shape is not None and full != tuple(shape):
             raise CheckpointError(
-                f"{file}: tensor '{key}' has shape {tuple(tensor.shape)}, config implies {shape}"
+                f"{file}: tensor '{key}' has shape {full}, config implies {shape}"
             )
+        if part is not None:
+            dim, start, stop = part
+            tensor = view[(slice(None),) * dim + (slice(start, stop),)]
         return tensor
 
-    def first(self, *keys: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def first(self, *keys: str, shape: tuple[int, ...] | None = None,
+              part: tuple[int, int, int] | None = None) -> torch.Tensor:
         """The first of `keys` present (for names that differ across checkpoint versions)."""
         for key in keys:
             if key in self._where:
-                return self.get(key, shape)
+                return self.get(key, shape, part)
         raise CheckpointError(f"{self.dir}: none of the tensors {list(keys)} is in the checkpoint")
 
 
@@ -138,8 +150,14 @@ class DummyFiles:
             return False
         return not (key == "lm_head.weight" and self._tied)
 
-    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """A tensor of `shape` for `key`, the same one on every call and in every process."""
+    def get(self, key: str, shape: tuple[int, ...] | None = None,
+            part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """A tensor of `shape` for `key`, the same one on every call and in every process;
+        `part` = (dim, start, stop): that slice of it (made whole, then cut, so that every
+        tensor-parallel rank holds its share of the one model)."""
+        if part is not None:
+            dim, start, stop = part
+            return self.get(key, shape).narrow(dim, start, stop - start).contiguous()
         if key not in self:
             raise CheckpointError(f"{self.dir}: tensor '{key}' not found in the checkpoint "
                                   "(dummy weights)")
@@ -154,11 +172,12 @@ class DummyFiles:
         out = torch.empty(shape, device=self.device)
         return out.normal_(0.0, self._std(key, shape), generator=generator)
 
-    def first(self, *keys: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def first(self, *keys: str, shape: tuple[int, ...] | None = None,
+              part: tuple[int, int, int] | None = None) -> torch.Tensor:
         """The first of `keys` present, as CheckpointFiles.first."""
         for key in keys:
             if key in self:
-                return self.get(key, shape)
+                return self.get(key, shape, part)
         raise CheckpointError(f"{self.dir}: none of the tensors {list(keys)} is in the checkpoint")
 
     def _std(self, key: str, shape: tuple[int, ...]) -> float:

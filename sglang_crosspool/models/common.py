@@ -13,6 +13,11 @@ routed experts (all of them, or the subset one FFN server owns), shared experts 
 Architecture files subclass both and say only what differs: tensor names, q/k norms, router.
 Numerics follow transformers' eager implementation (norms in float32, softmax router in float32)
 so that outputs match it token for token.
+
+Tensor / expert parallelism (`models/parallel.py`): both halves take a `ShardPlan` and a rank
+`Group`; each rank loads only its share (heads, intermediate rows, expert slice) and the
+partial outputs of o_proj and of the FFN are summed by one all-reduce each. Without them (the
+default) every collective is the identity and the code is the one-device path.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sglang_crosspool.distributed.group import Group, SingleGroup
 from sglang_crosspool.models.checkpoint import CheckpointFiles
 from sglang_crosspool.models.config import ModelSpec
+from sglang_crosspool.models.parallel import ShardPlan, cols, rows
 
 
 @functools.cache
@@ -117,13 +124,17 @@ class AttentionHalf:
     bias_fields: tuple[str, ...] = ()  # which of q/k/v/o projections carry biases
     qk_norm_keys: bool = False
 
-    def __init__(self, spec: ModelSpec, files: CheckpointFiles, device, dtype: torch.dtype):
-        self.spec = spec
+    def __init__(self, spec: ModelSpec, files: CheckpointFiles, device, dtype: torch.dtype,
+                 shard: ShardPlan | None = None, group: Group | None = None):
+        self.spec = spec  # the whole model's shapes; `heads` says which heads this rank holds
         self.device = device
         self.dtype = dtype
+        self.shard = shard or ShardPlan()
+        self.group = group or SingleGroup(device)
+        self.heads = self.shard.spec_heads(spec)
 
-        def load(*keys, shape=None):
-            return files.first(*keys, shape=shape).to(device=device, dtype=dtype)
+        def load(*keys, shape=None, part=None):
+            return files.first(*keys, shape=shape, part=part).to(device=device, dtype=dtype)
 
         s = spec
         self.embed = load("model.embed_tokens.weight", shape=(s.vocab_size, s.hidden_size))
@@ -145,35 +156,45 @@ class AttentionHalf:
         return backend
 
     def _load_layer(self, i: int, load) -> AttnLayer:
-        s, p = self.spec, f"model.layers.{i}."
+        s, p, hs = self.spec, f"model.layers.{i}.", self.heads
         h, q, kv = s.hidden_size, s.q_size, s.kv_size
         sizes = {"q": q, "k": kv, "v": kv, "o": h}
-        proj = {name: load(p + f"self_attn.{name}_proj.weight", shape=(sizes[name], h))
-                for name in ("q", "k", "v")}
+        # This rank's rows of each projection (all of them at TP 1); o_proj's bias stays whole.
+        spans = {"q": hs.q_rows, "k": hs.kv_rows, "v": hs.kv_rows, "o": None}
+        parts = {n: rows(span) if self.shard.sharded else None for n, span in spans.items()}
+        local = {n: sizes[n] if span is None else span[1] - span[0] for n, span in spans.items()}
+        proj = {name: load(p + f"self_attn.{name}_proj.weight", shape=(sizes[name], h),
+                           part=parts[name]) for name in ("q", "k", "v")}
         layer = AttnLayer(
             input_norm=load(p + "input_layernorm.weight", shape=(h,)),
             qkv_w=torch.cat(list(proj.values())),
-            o_w=load(p + "self_attn.o_proj.weight", shape=(h, q)),
+            o_w=load(p + "self_attn.o_proj.weight", shape=(h, q),
+                     part=cols(hs.q_rows) if self.shard.sharded else None),
             post_norm=load(p + "post_attention_layernorm.weight", shape=(h,)),
             router=None,
         )
         if s.moe_layers[i]:
             keys = [p + prefix + "gate.weight" for prefix in self.moe_prefixes]
             layer.router = load(*keys, shape=(s.num_experts, h))
-        biases = {name: load(p + f"self_attn.{name}_proj.bias", shape=(sizes[name],))
-                  for name in self.bias_fields}
+        biases = {name: load(p + f"self_attn.{name}_proj.bias", shape=(sizes[name],),
+                             part=parts[name]) for name in self.bias_fields}
         if any(name in biases for name in proj):
-            layer.qkv_b = torch.cat([biases[n] if n in biases else proj[n].new_zeros(sizes[n])
+            layer.qkv_b = torch.cat([biases[n] if n in biases else proj[n].new_zeros(local[n])
                                      for n in proj])
         layer.o_b = biases.get("o")
         if self.qk_norm_keys:
             q_shape, k_shape = self.qk_norm_shapes()
-            layer.q_norm = load(p + "self_attn.q_norm.weight", shape=q_shape)
-            layer.k_norm = load(p + "self_attn.k_norm.weight", shape=k_shape)
+            q_part, k_part = self.qk_norm_parts()
+            layer.q_norm = load(p + "self_attn.q_norm.weight", shape=q_shape, part=q_part)
+            layer.k_norm = load(p + "self_attn.k_norm.weight", shape=k_shape, part=k_part)
         return layer
 
     def qk_norm_shapes(self) -> tuple[tuple[int], tuple[int]]:
         return (self.spec.head_dim,), (self.spec.head_dim,)
+
+    def qk_norm_parts(self) -> tuple:
+        """This rank's parts of the q/k norm weights: whole for per-head norms."""
+        return None, None
 
     # -- forward pieces ---------------------------------------------------------------------
 
@@ -182,13 +203,14 @@ class AttentionHalf:
 
     def qkv(self, layer: AttnLayer, h: torch.Tensor):
         """Projects h [tokens, hidden] to q [T, heads, d], k and v [T, kv_heads, d]."""
-        s = self.spec
-        q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).split([s.q_size, s.kv_size, s.kv_size], -1)
+        hs = self.heads  # this rank's heads (all of them at TP 1)
+        q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).split([hs.q_size, hs.kv_size,
+                                                                hs.kv_size], -1)
         q, k, v = self.qk_norm(layer, q, k, v)
         return (
-            q.view(-1, s.num_heads, s.head_dim),
-            k.view(-1, s.num_kv_heads, s.head_dim),
-            v.view(-1, s.num_kv_heads, s.head_dim),
+            q.view(-1, hs.heads, hs.head_dim),
+            k.view(-1, hs.kv_heads, hs.head_dim),
+            v.view(-1, hs.kv_heads, hs.head_dim),
         )
 
     def qk_norm(self, layer: AttnLayer, q, k, v):
@@ -222,7 +244,7 @@ class AttentionHalf:
         q, k, v = self.qkv(layer, h)
         q, k = self.rotary.apply_qk(q, k, batch.positions)
         o = attn(i, q, k, v, batch)
-        o = F.linear(o, layer.o_w, layer.o_b)
+        o = self.o_proj(layer, o)
         add_norm = _kernel_for("fused_add_rms_norm", x)
         if add_norm is not None:
             h, x = add_norm(o, x, layer.post_norm, self.spec.rms_norm_eps)
@@ -230,6 +252,14 @@ class AttentionHalf:
             x = x + o
             h = rms_norm(x, layer.post_norm, self.spec.rms_norm_eps)
         return x, h, self.route(layer, h)
+
+    def o_proj(self, layer, o: torch.Tensor) -> torch.Tensor:
+        """o_proj of this rank's heads; under TP the partial sums are all-reduced, then the
+        bias is added once."""
+        if self.group.world_size == 1:
+            return F.linear(o, layer.o_w, layer.o_b)
+        o = self.group.all_reduce(F.linear(o, layer.o_w))
+        return o if layer.o_b is None else o + layer.o_b
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
@@ -257,7 +287,9 @@ class FFNHalf:
     """Routed experts, shared expert and dense MLPs of one model, or of a subset of its experts.
 
     `experts=None` loads every expert; a list loads only those (one FFN server's share), and
-    `forward` then returns the partial sum over the owned experts. `moe_small_batch` (auto | on
+    `forward` then returns the partial sum over the owned experts. Under TP/EP (`shard`) the
+    rank loads its expert slice and intermediate rows, and `forward` returns the sum over the
+    group (one all-reduce). `moe_small_batch` (auto | on
     | off, the engine's --moe-small-batch) picks the grouped-GEMV path for batches of at most
     8 tokens: `auto` on CUDA, `on` wherever Triton runs (the interpreter on CPU, for tests).
     """
@@ -276,17 +308,25 @@ class FFNHalf:
         experts: list[int] | None = None,
         with_shared: bool = True,
         moe_small_batch: str = "auto",
+        shard: ShardPlan | None = None,
+        group: Group | None = None,
     ):
         self.spec = spec
         self.device = device
         self.dtype = dtype
         self.moe_small_batch = moe_small_batch
-        self.experts = list(range(spec.num_experts)) if experts is None else sorted(experts)
+        self.shard = shard or ShardPlan()
+        self.group = group or SingleGroup(device)
+        if experts is None:
+            experts = self.shard.experts(spec.num_experts) if self.shard.sharded \
+                else range(spec.num_experts)
+        self.experts = sorted(experts)
         self.with_shared = with_shared
         self.layers = [self._load_layer(files, i) for i in range(spec.num_layers)]
 
-    def _load(self, files, *keys, shape=None):
-        return files.first(*keys, shape=shape).to(device=self.device, dtype=self.dtype)
+    def _load(self, files, *keys, shape=None, part=None):
+        return files.first(*keys, shape=shape, part=part).to(device=self.device,
+                                                              dtype=self.dtype)
 
     def _load_layer(self, files: CheckpointFiles, i: int) -> FFNLayer:
         s, p = self.spec, f"model.layers.{i}."
@@ -295,7 +335,8 @@ class FFNHalf:
             if not self.with_shared:
                 return FFNLayer()
             gate, up, down = (f"{p}mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
-            return self._dense(files, gate, up, down, s.dense_intermediate_size)
+            return self._dense(files, gate, up, down, s.dense_intermediate_size,
+                               "intermediate_size")
         layer = FFNLayer()
         if self.experts:
             layer.w13, layer.w2 = self._load_experts(files, p)
@@ -306,42 +347,59 @@ class FFNHalf:
             sp = p + self.shared_prefix
             n = s.shared_expert_intermediate_size
             shared = self._dense(files, sp + "gate_proj.weight", sp + "up_proj.weight",
-                                 sp + "down_proj.weight", n)
+                                 sp + "down_proj.weight", n, "shared_expert_intermediate_size")
             layer.shared_w13, layer.shared_w2 = shared.shared_w13, shared.shared_w2
             if self.shared_gated:
                 gate_key = p + self.shared_prefix.rstrip(".") + "_gate.weight"
                 layer.shared_gate = self._load(files, gate_key, shape=(1, h))
         return layer
 
-    def _dense(self, files, gate_key, up_key, down_key, inter: int) -> FFNLayer:
+    def _dense(self, files, gate_key, up_key, down_key, inter: int,
+               what: str = "intermediate_size") -> FFNLayer:
         h = self.spec.hidden_size
-        gate = self._load(files, gate_key, shape=(inter, h))
-        up = self._load(files, up_key, shape=(inter, h))
-        down = self._load(files, down_key, shape=(h, inter))
+        span = self.shard.dense_rows(inter, what) if self.shard.sharded else None
+        gate = self._load(files, gate_key, shape=(inter, h), part=rows(span))
+        up = self._load(files, up_key, shape=(inter, h), part=rows(span))
+        down = self._load(files, down_key, shape=(h, inter), part=cols(span))
         return FFNLayer(shared_w13=torch.cat([gate, up], dim=0), shared_w2=down)
 
     def _load_experts(self, files: CheckpointFiles, p: str):
         """Stacks the owned experts; accepts per-expert tensors or fused 3D tensors."""
         s = self.spec
         h, inter, e = s.hidden_size, s.moe_intermediate_size, s.num_experts
+        span = self.shard.expert_rows(inter) if self.shard.moe_tp_size > 1 else None
         for prefix in self.moe_prefixes:
             fused = f"{p}{prefix}experts.gate_up_proj"
             if fused in files:
+                # NOTE: read whole, then cut (a TP rank's slice of a fused tensor is not one
+                # contiguous range: its gate rows and its up rows).
                 w13 = files.get(fused, shape=(e, 2 * inter, h))[self.experts]
                 w2 = files.get(f"{p}{prefix}experts.down_proj", shape=(e, h, inter))[self.experts]
+                if span is not None:
+                    a, b = span
+                    w13 = torch.cat([w13[:, a:b], w13[:, inter + a:inter + b]], dim=1)
+                    w2 = w2[:, :, a:b]
                 return w13.to(self.device, self.dtype), w2.to(self.device, self.dtype)
         g, u, d = self.expert_names
         w13, w2 = [], []
         for x in self.experts:
             keys = [f"{p}{prefix}experts.{x}." for prefix in self.moe_prefixes]
-            gate = self._load(files, *(k + g + ".weight" for k in keys), shape=(inter, h))
-            up = self._load(files, *(k + u + ".weight" for k in keys), shape=(inter, h))
+            gate = self._load(files, *(k + g + ".weight" for k in keys), shape=(inter, h),
+                              part=rows(span))
+            up = self._load(files, *(k + u + ".weight" for k in keys), shape=(inter, h),
+                            part=rows(span))
             w13.append(torch.cat([gate, up], dim=0))
-            w2.append(self._load(files, *(k + d + ".weight" for k in keys), shape=(h, inter)))
+            w2.append(self._load(files, *(k + d + ".weight" for k in keys), shape=(h, inter),
+                                 part=cols(span)))
         return torch.stack(w13), torch.stack(w2)
 
     def forward(self, i: int, h: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """FFN output of layer i for h [tokens, hidden] (partial if experts are a subset)."""
+        """FFN output of layer i for h [tokens, hidden] (partial if experts are a subset and
+        no TP group sums the parts)."""
+        out = self._forward_local(i, h, routing)
+        return out if self.group.world_size == 1 else self.group.all_reduce(out)
+
+    def _forward_local(self, i: int, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         layer = self.layers[i]
         if layer.w13 is not None and routing.topk_ids is not None and self._small_batch(h):
             # Routed and shared experts in one pass of GEMVs over the chosen experts' weights.

@@ -14,7 +14,9 @@ query and its value rows into the output, so attention runs on the cached latent
     o = o_proj(o_lat @ W_uv^T)
 
 which equals transformers' form (keys and values decompressed through kv_b_proj) up to float
-rounding. Numerics follow transformers' DeepseekV2: RoPE in float32 on (x0, x1), (x2, x3), ...
+rounding. Under tensor parallelism a rank holds its heads' rows of q_proj (q_b_proj) and
+kv_b_proj and its columns of o_proj; kv_a_proj and the latent cache are whole on every rank
+(the latent is one "head": replicated tp_size times, which the KV report counts). Numerics follow transformers' DeepseekV2: RoPE in float32 on (x0, x1), (x2, x3), ...
 pairs, cos/sin scaled by YaRN's attention factor, and the softmax scale multiplied by
 mscale(factor, mscale_all_dim)^2.
 
@@ -128,9 +130,10 @@ class MLALayer:
 
 
 class DeepseekV2Attention(AttentionHalf):
-    def __init__(self, spec: ModelSpec, files, device, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, files, device, dtype: torch.dtype, shard=None,
+                 group=None):
         self._files = files  # the router bias is read in float32, not in the model's dtype
-        super().__init__(spec, files, device, dtype)
+        super().__init__(spec, files, device, dtype, shard, group)
 
     def _rotary(self):
         s = self.spec
@@ -141,15 +144,23 @@ class DeepseekV2Attention(AttentionHalf):
         from sglang_crosspool.engine.attention_mla import make_latent_attention
 
         s = self.spec
-        return make_latent_attention(backend, self.device, s.num_heads, s.mla.latent_dim,
+        return make_latent_attention(backend, self.device, self.heads.heads, s.mla.latent_dim,
                                      s.mla.kv_lora_rank, softmax_scale(s), self.dtype)
 
     def _load_layer(self, i: int, load) -> MLALayer:
         s, m, p = self.spec, self.spec.mla, f"model.layers.{i}.self_attn."
         h, heads = s.hidden_size, s.num_heads
+        first, local = self.heads.head_start, self.heads.heads
+
+        def per_head(width: int, dim: int = 0):  # this rank's heads' rows (or columns)
+            if not self.shard.sharded:
+                return None
+            return (dim, first * width, (first + local) * width)
+
         kv_b = load(p + "kv_b_proj.weight",
-                    shape=(heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank))
-        w_uk, w_uv = kv_b.view(heads, -1, m.kv_lora_rank).split(
+                    shape=(heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+                    part=per_head(m.qk_nope_head_dim + m.v_head_dim))
+        w_uk, w_uv = kv_b.view(local, -1, m.kv_lora_rank).split(
             [m.qk_nope_head_dim, m.v_head_dim], dim=1)
         layer = MLALayer(
             input_norm=load(f"model.layers.{i}.input_layernorm.weight", shape=(h,)),
@@ -157,17 +168,20 @@ class DeepseekV2Attention(AttentionHalf):
             kv_a_norm=load(p + "kv_a_layernorm.weight", shape=(m.kv_lora_rank,)),
             w_uk=w_uk.contiguous(),
             w_uv=w_uv.contiguous(),
-            o_w=load(p + "o_proj.weight", shape=(h, heads * m.v_head_dim)),
+            o_w=load(p + "o_proj.weight", shape=(h, heads * m.v_head_dim),
+                     part=per_head(m.v_head_dim, dim=1)),
             post_norm=load(f"model.layers.{i}.post_attention_layernorm.weight", shape=(h,)),
             router=None,
         )
         q_out = heads * m.qk_head_dim
         if m.q_lora_rank is None:
-            layer.q_w = load(p + "q_proj.weight", shape=(q_out, h))
+            layer.q_w = load(p + "q_proj.weight", shape=(q_out, h),
+                             part=per_head(m.qk_head_dim))
         else:
             layer.q_a_w = load(p + "q_a_proj.weight", shape=(m.q_lora_rank, h))
             layer.q_a_norm = load(p + "q_a_layernorm.weight", shape=(m.q_lora_rank,))
-            layer.q_b_w = load(p + "q_b_proj.weight", shape=(q_out, m.q_lora_rank))
+            layer.q_b_w = load(p + "q_b_proj.weight", shape=(q_out, m.q_lora_rank),
+                               part=per_head(m.qk_head_dim))
         if s.attention_bias:
             if m.q_lora_rank is not None:
                 layer.q_a_b = load(p + "q_a_proj.bias", shape=(m.q_lora_rank,))
@@ -185,7 +199,7 @@ class DeepseekV2Attention(AttentionHalf):
         """Layer i up to the FFN; `attn(i, q, latent, latent, batch)` caches the latents and
         returns each head's output in the latent space [T, heads * r]."""
         s, m, layer = self.spec, self.spec.mla, self.layers[i]
-        heads, r = s.num_heads, m.kv_lora_rank
+        heads, r = self.heads.heads, m.kv_lora_rank  # this rank's heads
         h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
         if layer.q_w is not None:
             q = F.linear(h, layer.q_w)
@@ -202,7 +216,7 @@ class DeepseekV2Attention(AttentionHalf):
         q_lat = torch.einsum("thn,hnr->thr", q_nope, layer.w_uk)
         o_lat = attn(i, torch.cat([q_lat, q_pe], dim=-1), latent, latent, batch)
         o = torch.einsum("thr,hvr->thv", o_lat.view(-1, heads, r), layer.w_uv)
-        o = F.linear(o.reshape(o.shape[0], -1), layer.o_w, layer.o_b)
+        o = self.o_proj(layer, o.reshape(o.shape[0], -1))
         x = x + o
         h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
         return x, h, self.route(layer, h)

@@ -8,9 +8,9 @@ class Qwen3MoeAttention(AttentionHalf):
     qk_norm_keys = True
 
     def qk_norm(self, layer, q, k, v):
-        s = self.spec
-        q = rms_norm(q.view(-1, s.num_heads, s.head_dim), layer.q_norm, s.rms_norm_eps)
-        k = rms_norm(k.view(-1, s.num_kv_heads, s.head_dim), layer.k_norm, s.rms_norm_eps)
+        s, hs = self.spec, self.heads  # this rank's heads (all of them at TP 1)
+        q = rms_norm(q.view(-1, hs.heads, s.head_dim), layer.q_norm, s.rms_norm_eps)
+        k = rms_norm(k.view(-1, hs.kv_heads, s.head_dim), layer.k_norm, s.rms_norm_eps)
         return q, k, v
 
     @property

@@ -72,10 +72,10 @@ def run_scheduler_process(engine_config, in_path: str, out_path: str, warmup: bo
     transport = ZmqTransport(in_path, out_path)
     core = None
     try:
-        from sglang_crosspool.engine.core import EngineCore
+        from sglang_crosspool.engine.tensor_parallel import make_core
 
         use_device(engine_config.device)
-        core = EngineCore(engine_config)
+        core = make_core(engine_config)  # under --tp-size: rank 0, followers spawned
         loop = SchedulerLoop(core, transport)
         if warmup:
             loop.warmup()

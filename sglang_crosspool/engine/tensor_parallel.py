@@ -1,0 +1,339 @@
+"""Tensor and expert parallelism at run time: one engine, tp_size ranks in lockstep.
+
+    rank 0 (this process: Engine or the scheduler process)     ranks 1..N-1 (spawned followers)
+    EngineCore: scheduler, KV books, sampling                  TPFollower: no scheduler
+    step(): schedule -> _forward_one(model, StepLists)
+        broadcast_object(("step", model, lists, KV journal)) -> replay KV journal
+        forward over its shard  <-- all-reduce per layer -->   forward over its shard
+        logits (replicated lm_head), sample                    (no logits)
+
+Every rank loads only its share of each model (`models/parallel.py`: heads, intermediate rows,
+expert slice) onto its own device (cuda:k+rank, or the CPU) and keeps its own KV pool with the
+same blocks mapped: rank 0's pool records block operations (`KVPool.journal`) and the step
+message carries them, so a follower's pool replays them before the step's forward. Control
+messages go over the group's gloo control group (a follower waits for the next step however
+long the server idles); tensors over the device group (NCCL on CUDA, gloo on CPU).
+
+`make_core(config)` is what Engine and the scheduler process call: an `EngineCore` at TP 1,
+else a `TPEngineCore`, which spawns its followers, joins the group and checks that every rank
+loaded before it serves.
+
+Not supported yet (refused in `EngineConfig.build` or here, with the reason): CUDA graphs,
+the crosspool pool mode (FFN servers), micro-batch pipelining, loading or unloading models
+while serving. A rank that dies makes the engine unavailable (503), as a dead FFN server does.
+NOTE: embeddings and lm_head are replicated on every rank (vocab-parallel is left to do).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sglang_crosspool.config import EngineConfig
+from sglang_crosspool.distributed.group import Group, init_group
+from sglang_crosspool.distributed.spawn import start_ranks, tcp_init_method
+from sglang_crosspool.engine.attention import get_attention_backend
+from sglang_crosspool.engine.core import EngineCore
+from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
+from sglang_crosspool.engine.model_runner import ModelRunner
+from sglang_crosspool.ffn.executor import LocalFFNExecutor
+from sglang_crosspool.memory.kv_pool import KVPool
+from sglang_crosspool.memory.page_backend import make_backend
+from sglang_crosspool.models.checkpoint import open_checkpoint
+from sglang_crosspool.models.parallel import ShardPlan
+from sglang_crosspool.models.registry import get_architecture
+from sglang_crosspool.tokenizer import load_tokenizer
+
+log = logging.getLogger("sglang_crosspool.tp")
+
+TIMEOUT_S = 600.0  # a tensor collective waiting this long for a rank: the rank is gone
+CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a follower waits for the next step while the server idles
+_REFUSED = ("loading or unloading models while serving is not supported under tensor "
+            "parallelism (--tp-size / --ep-size) yet")
+
+
+def make_core(config: EngineConfig) -> EngineCore:
+    """The engine core the config asks for: one process, or rank 0 of a TP group."""
+    if config.attention_split == "seq":  # issue 16: one request's KV over every rank
+        from sglang_crosspool.engine.seq_split_runtime import SeqSplitEngineCore
+
+        return SeqSplitEngineCore(config)
+    if config.tp_size == 1 and config.ep_size == 1:
+        return EngineCore(config)
+    return TPEngineCore(config)
+
+
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    """Rank r's device: the CPU, or the r-th GPU from the configured one."""
+    dev = torch.device(config.device)
+    return dev if dev.type != "cuda" else torch.device("cuda", (dev.index or 0) + rank)
+
+
+# -- one rank's parts (the same on rank 0 and followers) -------------------------------------
+
+def load_shard(config: EngineConfig, entry, shard: ShardPlan, group: Group, device):
+    """A model's attention half and FFN half on this rank: its share only."""
+    arch = get_architecture(entry.spec.model_type)
+    files = open_checkpoint(entry.path, config.load_format, device)
+    dtype = config.torch_dtype
+    attention = arch.attention_cls(entry.spec, files, device, dtype, shard=shard, group=group)
+    ffn = arch.ffn_cls(entry.spec, files, device, dtype, moe_small_batch=config.moe_small_batch,
+                       shard=shard, group=group)
+    return attention, ffn
+
+
+def make_kv_pool(config: EngineConfig, device) -> KVPool:
+    backend = make_backend(device, config.kv_page_bytes, config.kv_page_backend)
+    pages = config.kv_pages or max(1, config.kv_budget_bytes // backend.page_bytes)
+    return KVPool(backend, pages, reserve_pages=config.kv_reserve_pages)
+
+
+def add_kv(pool: KVPool, config: EngineConfig, entry, attention) -> None:
+    """A model's KV ranges for this rank's KV heads (an MLA latent: whole on every rank)."""
+    s = entry.spec
+    pool.add_model(entry.name, s.num_layers, attention.heads.kv_heads, s.head_dim,
+                   config.torch_dtype, max_tokens=entry.context_length * config.max_running_requests,
+                   latent=s.kv_latent)
+
+
+def make_runner(config: EngineConfig, entry, attention, pool: KVPool, ffn) -> ModelRunner:
+    heads = attention.heads
+    backend = get_attention_backend(config.attention_backend)(
+        heads.heads, heads.kv_heads, entry.spec.head_dim, config.torch_dtype)
+    return ModelRunner(entry.name, attention, pool.models[entry.name], backend, ffn)
+
+
+class TPFFNExecutor(LocalFFNExecutor):
+    """Each model's FFN shard in this process; its forward all-reduces over the group."""
+
+    def live_models_refused(self) -> str | None:
+        return _REFUSED
+
+
+def set_quotas(pool: KVPool, config: EngineConfig) -> None:
+    if config.pool_mode == "static":  # as EngineCore._init_kv_pool
+        share = pool.total_pages // len(config.models)
+        for entry in config.models:
+            pool.set_quota(entry.name, share)
+
+
+# -- rank 0 -----------------------------------------------------------------------------------
+
+@dataclass
+class StepMessage:
+    """What a follower needs for one forward: the model, the step's host lists and the KV
+    block operations since the last message."""
+
+    model: str
+    lists: StepLists
+    journal: list
+
+
+class TPEngineCore(EngineCore):
+    """Rank 0 of a TP group: the engine core over its shard, followers in lockstep."""
+
+    def __init__(self, config: EngineConfig, group: Group | None = None):
+        self.procs = []
+        if group is None:
+            group = self._start_followers(config)
+        self.group = group
+        self.shard = ShardPlan(0, config.tp_size, config.ep_size)
+        try:
+            super().__init__(config)
+            self._check_ranks(None)
+        except BaseException as e:
+            if not isinstance(e, _RankFailed):
+                self._check_ranks(f"{type(e).__name__}: {e}", raise_=False)
+            self._stop(tell=False)  # every follower leaves after a failed handshake
+            raise
+        self.kv_pool.journal = []
+        log.info("tensor parallel: tp_size %d, ep_size %d (%d processes)", config.tp_size,
+                 config.ep_size, group.world_size)
+
+    def _start_followers(self, config: EngineConfig) -> Group:
+        init_method = tcp_init_method()
+        self.procs = start_ranks(follower_main, config.tp_size, init_method,
+                                 args=(config, os.getpid()), name="tp-rank")
+        return init_group(0, config.tp_size, init_method, rank_device(config, 0),
+                          timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+
+    def _check_ranks(self, error: str | None, raise_: bool = True) -> None:
+        """Start-up handshake: every rank says whether it loaded (one broadcast per rank)."""
+        errors = []
+        for src in range(self.group.world_size):
+            said = self.group.broadcast_object(error if src == 0 else None, src=src)
+            if said is not None and src > 0:
+                errors.append(f"rank {src}: {said}")
+        if errors and raise_:
+            raise _RankFailed("tensor-parallel ranks failed to start:\n" + "\n".join(errors))
+
+    # -- start-up over this rank's shard ----------------------------------------------------
+
+    def _init_models(self, ffn) -> None:
+        self.attention, halves, self.tokenizers = {}, {}, {}
+        for entry in self.config.models:
+            self.attention[entry.name], halves[entry.name] = load_shard(
+                self.config, entry, self.shard, self.group, self.device)
+            self.tokenizers[entry.name] = load_tokenizer(entry.path)
+        self.ffn = ffn or TPFFNExecutor(halves, self.device)
+        self.unavailable = None
+
+    def _add_kv(self, entry) -> None:
+        add_kv(self.kv_pool, self.config, entry, self.attention[entry.name])
+
+    def _add_runner(self, entry) -> None:
+        self.runners[entry.name] = make_runner(self.config, entry, self.attention[entry.name],
+                                               self.kv_pool, self.ffn)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _forward_one(self, model: str, step: StepLists, rows: list[int]) -> torch.Tensor:
+        journal, self.kv_pool.journal = self.kv_pool.journal, []
+        try:
+            self.group.broadcast_object(StepMessage(model, step, journal))
+            return super()._forward_one(model, step, rows)
+        except Exception as e:
+            # NOTE: the ranks may have stopped at different collectives: none may follow.
+            self.unavailable = f"a tensor-parallel step failed: {type(e).__name__}: {e}"
+            log.error("%s; the engine stops serving", self.unavailable)
+            raise
+
+    def check_health(self):
+        if not self.unavailable:
+            dead = [p.name for p in self.procs if not p.is_alive()]
+            if dead:
+                return self._fail_all(f"tensor-parallel rank(s) died: {', '.join(dead)}")
+        return super().check_health()
+
+    def recover(self) -> bool:
+        return False  # a TP group is not restarted in place
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["parallel"] = self.parallel_stats()
+        return out
+
+    def parallel_stats(self) -> dict:
+        """Per model: heads and KV heads per rank, and the KV bytes that hold replicated KV
+        heads (an MLA latent counts as a head kept by every rank)."""
+        page_bytes, ranks = self.kv_pool.page_bytes, self.config.tp_size
+        models = {}
+        for name, attention in self.attention.items():
+            h, s = attention.heads, attention.spec
+            mapped = self.kv_pool.pages_in_use(name) * page_bytes
+            replicated = mapped * (h.kv_replicas - 1) // h.kv_replicas
+            # Per token over all ranks: what they hold, and the copies beyond the first.
+            per_rank = s.kv_bytes_per_token(self.config.dtype) * h.kv_heads // s.num_kv_heads
+            models[name] = {"heads_per_rank": h.heads, "kv_heads_per_rank": h.kv_heads,
+                            "kv_replicas": h.kv_replicas, "kv_bytes_per_rank": mapped,
+                            "replicated_kv_bytes_per_rank": replicated,
+                            "replicated_kv_bytes": replicated * ranks,
+                            "kv_bytes_per_token": per_rank * ranks,
+                            "replicated_kv_bytes_per_token":
+                                per_rank * ranks - s.kv_bytes_per_token(self.config.dtype)}
+        return {"tp_size": self.config.tp_size, "ep_size": self.config.ep_size,
+                "models": models}
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            self._stop()
+
+    def _stop(self, tell: bool = True) -> None:
+        group, self.group = getattr(self, "group", None), None
+        if group is None:
+            return
+        if tell and not self.unavailable and all(p.is_alive() for p in self.procs):
+            try:
+                group.broadcast_object(None)  # followers leave their loop
+            except Exception:  # noqa: BLE001 - a follower is gone: it is killed below
+                log.warning("could not tell the tensor-parallel followers to stop")
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        group.close()
+
+
+class _RankFailed(RuntimeError):
+    pass
+
+
+# -- ranks 1..N-1 -----------------------------------------------------------------------------
+
+class TPFollower:
+    """One follower rank: its shards, KV pool and runners, and the loop that mirrors rank 0."""
+
+    def __init__(self, config: EngineConfig, group: Group):
+        self.config = config
+        self.group = group
+        self.device = rank_device(config, group.rank)
+        shard = ShardPlan(group.rank, config.tp_size, config.ep_size)
+        self.attention, halves = {}, {}
+        for entry in config.models:
+            self.attention[entry.name], halves[entry.name] = load_shard(
+                config, entry, shard, group, self.device)
+        self.ffn = TPFFNExecutor(halves, self.device)
+        self.kv_pool = make_kv_pool(config, self.device)
+        for entry in config.models:
+            add_kv(self.kv_pool, config, entry, self.attention[entry.name])
+        set_quotas(self.kv_pool, config)
+        self.runners = {entry.name: make_runner(config, entry, self.attention[entry.name],
+                                                self.kv_pool, self.ffn)
+                        for entry in config.models}
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        """Runs rank 0's steps until it says stop (None)."""
+        while (msg := self.group.broadcast_object(None)) is not None:
+            self.kv_pool.replay(msg.journal)
+            runner = self.runners[msg.model]
+            fb = ForwardBatch.from_lists(msg.lists, self.kv_pool.block_tokens(msg.model),
+                                         self.device)
+            runner.backend.prepare(fb)
+            runner.layers(fb)  # logits and sampling are rank 0's
+
+
+def follower_main(rank: int, world_size: int, init_method: str, config: EngineConfig,
+                  parent_pid: int) -> None:
+    """A follower process: join the group, load its shards, say so, mirror rank 0's steps."""
+    logging.basicConfig(level=logging.INFO,
+                        format=f"[%(asctime)s tp-rank-{rank}] %(levelname)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    _exit_with_parent(parent_pid)
+    group = init_group(rank, world_size, init_method, rank_device(config, rank),
+                       timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+    follower, error = None, None
+    try:
+        follower = TPFollower(config, group)
+    except Exception as e:  # reported to rank 0 in the handshake
+        log.exception("loading the shards failed")
+        error = f"{type(e).__name__}: {e}"
+    failed = False
+    for src in range(world_size):  # the handshake of TPEngineCore._check_ranks
+        said = group.broadcast_object(error if src == rank else None, src=src)
+        failed = failed or said is not None
+    if failed:
+        os._exit(1)
+    follower.run()
+    group.close()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A follower blocked in a collective cannot notice rank 0's death; this thread does."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
+
+
+__all__ = ["TPEngineCore", "TPFollower", "make_core", "rank_device"]
