@@ -24,6 +24,7 @@ from sglang_crosspool.models.config import ModelSpec
 from sglang_crosspool.models.registry import resolve
 from sglang_crosspool.options import (
     ATTENTION_BACKENDS,
+    ATTENTION_SPLITS,
     FFN_TRANSPORTS,
     GRAMMAR_BACKENDS,
     KV_PAGE_BACKENDS,
@@ -96,6 +97,11 @@ class EngineConfig:
     # (engine/tensor_parallel.py, models/parallel.py).
     tp_size: int = 1
     ep_size: int = 1
+    # Attention split over attention_split_size ranks (issue 16; options.ATTENTION_SPLITS):
+    # seq spreads each request's KV pages over the ranks (memory/kv_split.py,
+    # engine/seq_split.py); head is tensor parallelism with the KV heads divided (tp_size).
+    attention_split: str = "none"
+    attention_split_size: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -171,6 +177,8 @@ class EngineConfig:
         moe_small_batch: str = "auto",
         tp_size: int = 1,
         ep_size: int = 1,
+        attention_split: str = "none",
+        attention_split_size: int = 1,
     ) -> EngineConfig:
         paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
         if not paths:
@@ -192,6 +200,10 @@ class EngineConfig:
         _choice("load_format", load_format, LOAD_FORMATS)
         _choice("grammar_backend", grammar_backend, GRAMMAR_BACKENDS)
         _choice("moe_small_batch", moe_small_batch, MOE_SMALL_BATCH)
+        _choice("attention_split", attention_split, ATTENTION_SPLITS)
+        split = _attention_split(attention_split, attention_split_size, entries, pool_mode,
+                                 tp_size, pipeline_models, pipeline_microbatches)
+        tp_size = split.pop("tp_size", tp_size)
         attention_backend = _attention_backend(attention_backend, device, dtype, entries)
         for key, value in (("ffn_servers", ffn_servers),
                            ("pipeline_microbatches", pipeline_microbatches),
@@ -223,7 +235,40 @@ class EngineConfig:
                    radix_cache_floor_pages=_floors(radix_cache_floor_pages, names),
                    pipeline_models=pipeline_models, moe_small_batch=moe_small_batch,
                    **_parallel(tp_size, ep_size, entries, pool_mode, device,
-                               disable_cuda_graph, pipeline_microbatches, pipeline_models))
+                               disable_cuda_graph, pipeline_microbatches, pipeline_models),
+                   **split)
+
+
+def _attention_split(kind: str, size: int, entries: list[ModelEntry], pool_mode: str,
+                     tp_size: int, pipeline_models: bool, microbatches: int) -> dict:
+    """Checks --attention-split / --attention-split-size. `head` is tensor parallelism of
+    size ranks with no KV head replicated (tp_size); `seq` needs every rank's pool whole."""
+    if kind == "none" or size == 1:
+        return {"attention_split": "none", "attention_split_size": 1}
+    if size < 1:
+        raise ValueError(f"attention_split_size: must be >= 1, got {size}")
+    if kind == "head":
+        if tp_size not in (1, size):
+            raise ValueError(f"attention_split head over {size} ranks is tp_size {size}, but "
+                             f"tp_size {tp_size} was given")
+        for e in entries:
+            if e.spec.kv_latent or e.spec.num_kv_heads % size:
+                what = "one latent KV head (MLA)" if e.spec.kv_latent else \
+                    f"{e.spec.num_kv_heads} KV heads"
+                raise ValueError(f"attention_split head over {size} ranks: model {e.name} has "
+                                 f"{what}, which {size} ranks cannot divide without "
+                                 f"replicating; use attention_split seq")
+        return {"attention_split": "head", "attention_split_size": size, "tp_size": size}
+    refused = [(tp_size > 1, ("tp_size > 1 (the split's ranks divide the experts already; "
+                              "attention stays whole on each)")),
+               (pool_mode != "monolithic", (f"pool_mode {pool_mode!r} (monolithic only: FFN "
+                                            "servers and per-rank quotas are not wired)")),
+               (pipeline_models, "pipeline_models"),
+               (microbatches > 1, "pipeline_microbatches > 1")]
+    for hit, what in refused:
+        if hit:
+            raise ValueError(f"attention_split seq: not supported with {what}")
+    return {"attention_split": "seq", "attention_split_size": size}
 
 
 def _parallel(tp_size: int, ep_size: int, entries: list[ModelEntry], pool_mode: str,

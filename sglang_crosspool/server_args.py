@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sglang_crosspool.options import (
     ATTENTION_BACKENDS,
+    ATTENTION_SPLITS,
     DEFAULT_PAGE_BYTES,
     FFN_TRANSPORTS,
     GRAMMAR_BACKENDS,
@@ -91,6 +92,8 @@ class ServerArgs:
     plan_device_index: tuple[int, ...] = ()
     pipeline_microbatches: int = 1
     pipeline_models: bool = False
+    attention_split: str = "none"  # none | seq | head over attention_split_size ranks
+    attention_split_size: int = 1
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
     kv_budget_bytes: int = 256 << 20
@@ -150,7 +153,9 @@ class ServerArgs:
             load_format=self.load_format, grammar_backend=self.grammar_backend,
             constrained_json_disable_any_whitespace=self.constrained_json_disable_any_whitespace,
             grammar_jump_forward=self.grammar_jump_forward,
-            moe_small_batch=self.moe_small_batch)
+            moe_small_batch=self.moe_small_batch,
+            attention_split=self.attention_split,
+            attention_split_size=self.attention_split_size)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -246,6 +251,7 @@ class ServerArgs:
             ffn_placement=plan, plan_path=a.plan, device_models=layout.models,
             device_kv_pages=layout.kv_pages, plan_device_index=layout.plan_index,
             pipeline_microbatches=a.pipeline_microbatches, pipeline_models=a.pipeline_models,
+            attention_split=a.attention_split, attention_split_size=a.attention_split_size,
             kv_pages=a.kv_pages,
             kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
@@ -577,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels; auto: torch on CPU, on CUDA flashinfer where it "
                         "imports, else triton")
+    g.add_argument("--attention-split", default="none", choices=ATTENTION_SPLITS,
+                   help="one model's attention over --attention-split-size ranks (processes; "
+                        "GPUs --device and the next ones): seq spreads each request's KV pages "
+                        "over every rank's pool (partials merged by log-sum-exp; attention "
+                        "weights on every rank, experts divided over the ranks); head divides "
+                        "the KV heads (tensor parallelism, as "
+                        "--tp-size, refused where a KV head would be replicated: MLA)")
+    g.add_argument("--attention-split-size", type=int, default=1,
+                   help="ranks of --attention-split")
     g.add_argument("--moe-small-batch", default="auto", choices=MOE_SMALL_BATCH,
                    help="MoE layers at few tokens as grouped GEMVs over the chosen experts "
                         "(shared expert in the same pass) instead of the fused-MoE GEMM; auto: "

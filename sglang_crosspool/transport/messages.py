@@ -24,6 +24,15 @@ class IpcHandles:
 
 
 @dataclass(frozen=True)
+class Attach:
+    """From a data-parallel attention replica that shares these FFN servers: its link (the
+    shm segment or cuda-ipc buffers of its `clients` entry) is ready; answered by Ready
+    (cuda-ipc: IpcHandles both ways first)."""
+
+    replica: int
+
+
+@dataclass(frozen=True)
 class Forward:
     """One layer of one micro-batch: the data waits in `slot` of the transport."""
 

@@ -1,0 +1,181 @@
+"""Attention sequence split at run time: one engine over N ranks, one request's KV on all.
+
+The lockstep runtime of tensor parallelism (engine/tensor_parallel.py) with other parts:
+
+    rank 0: SeqSplitEngineCore (scheduler, sampling)      ranks 1..N-1: SeqSplitFollower
+    - attention whole on every rank (its weights are small: what grows is the KV); the FFN
+      divided over the ranks as expert parallelism (experts by expert, dense and shared MLPs
+      by intermediate rows, one all-reduce per layer), or whole on every rank where the
+      model's shapes cannot be cut so (`ffn_shard`)
+    - KV: a SplitKVPool on every rank, each rank's pages in its own pool (memory/kv_split.py);
+      rank 0's scheduler places blocks, the step message carries its journal, followers replay
+    - attention: seq_split.wrap (engine/seq_split.py): partials over local pages, one
+      all_gather per layer, merged by log-sum-exp; everything after it is identical per rank
+
+Ranks are `attention_split_size` processes (GPUs device..device+N-1 on CUDA). Not supported
+(refused in EngineConfig.build): tensor parallelism inside the split, the static and crosspool
+pool modes, micro-batch pipelining; CUDA graphs are not captured (eager steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from sglang_crosspool.config import EngineConfig
+from sglang_crosspool.distributed.group import Group, SingleGroup, init_group
+from sglang_crosspool.distributed.spawn import start_ranks, tcp_init_method
+from sglang_crosspool.engine import seq_split
+from sglang_crosspool.engine.tensor_parallel import (
+    CONTROL_TIMEOUT_S,
+    TIMEOUT_S,
+    TPEngineCore,
+    TPFFNExecutor,
+    TPFollower,
+    _exit_with_parent,
+    add_kv,
+    make_kv_pool,
+    make_runner,
+    rank_device,
+)
+from sglang_crosspool.memory.device_memory import DeviceMemory
+from sglang_crosspool.memory.kv_split import SplitKVPool
+from sglang_crosspool.models.checkpoint import open_checkpoint
+from sglang_crosspool.models.parallel import ParallelError, ShardPlan
+from sglang_crosspool.models.registry import get_architecture
+from sglang_crosspool.tokenizer import load_tokenizer
+
+log = logging.getLogger("sglang_crosspool.seq_split")
+
+
+def ffn_shard(spec, group: Group) -> ShardPlan:
+    """How the split's ranks divide a model's FFN: expert parallelism over all of them
+    (ShardPlan(rank, N, N)) where its experts and MLP widths allow it, else whole (ShardPlan())."""
+    shard = ShardPlan(group.rank, group.world_size, group.world_size)
+    try:
+        if any(spec.moe_layers):
+            shard.experts(spec.num_experts)
+        if spec.shared_expert_intermediate_size:
+            shard.dense_rows(spec.shared_expert_intermediate_size)
+        if not all(spec.moe_layers):
+            shard.dense_rows(spec.dense_intermediate_size)
+    except ParallelError as e:
+        log.warning("%s: the FFN stays whole on every rank of the sequence split (%s)",
+                    spec.path, e)
+        return ShardPlan()
+    return shard
+
+
+def load_parts(config: EngineConfig, entry, group: Group, device):
+    """A model's attention half, whole, and its FFN half, this rank's share (`ffn_shard`)."""
+    arch = get_architecture(entry.spec.model_type)
+    files = open_checkpoint(entry.path, config.load_format, device)
+    dtype = config.torch_dtype
+    attention = arch.attention_cls(entry.spec, files, device, dtype)
+    shard = ffn_shard(entry.spec, group)
+    ffn = arch.ffn_cls(entry.spec, files, device, dtype, moe_small_batch=config.moe_small_batch,
+                       shard=shard, group=group if shard.sharded else SingleGroup(device))
+    return attention, ffn
+
+
+def _split_pool(config: EngineConfig, device, group: Group) -> SplitKVPool:
+    return SplitKVPool(make_kv_pool(config, device), group.rank, group.world_size)
+
+
+def _split_runner(config: EngineConfig, entry, attention, pool: SplitKVPool, ffn, group):
+    runner = make_runner(config, entry, attention, pool, ffn)
+    runner.backend = seq_split.wrap(runner.backend, group, pool.rank_slots(entry.name))
+    return runner
+
+
+class SeqSplitEngineCore(TPEngineCore):
+    """Rank 0 of a sequence split (module docstring)."""
+
+    def _start_followers(self, config: EngineConfig) -> Group:
+        init_method = tcp_init_method()
+        size = config.attention_split_size
+        self.procs = start_ranks(follower_main, size, init_method,
+                                 args=(config, os.getpid()), name="seq-rank")
+        return init_group(0, size, init_method, rank_device(config, 0), timeout_s=TIMEOUT_S,
+                          control_timeout_s=CONTROL_TIMEOUT_S)
+
+    def _init_models(self, ffn) -> None:
+        self.attention, halves, self.tokenizers = {}, {}, {}
+        for entry in self.config.models:
+            self.attention[entry.name], halves[entry.name] = load_parts(
+                self.config, entry, self.group, self.device)
+            self.tokenizers[entry.name] = load_tokenizer(entry.path)
+        self.ffn = ffn or TPFFNExecutor(halves, self.device)
+        self.unavailable = None
+
+    def _init_kv_pool(self) -> None:
+        self.kv_pool = _split_pool(self.config, self.device, self.group)
+        self.device_memory = DeviceMemory(self.config.device, self.kv_pool.local)
+        for entry in self.config.models:
+            self._add_kv(entry)
+
+    def _add_runner(self, entry) -> None:
+        self.runners[entry.name] = _split_runner(self.config, entry, self.attention[entry.name],
+                                                 self.kv_pool, self.ffn, self.group)
+
+    def _init_graphs(self) -> None:
+        self.graphs, self.pair_graphs, self._graph_pool = {}, {}, None  # eager steps
+
+    def parallel_stats(self) -> dict:
+        """Each rank's KV pages (the split's point: one request's pages on every rank) and how
+        each model's FFN is divided."""
+        return {"attention_split": "seq", "ranks": self.group.world_size,
+                "kv_pages_per_rank": self.kv_pool.stats()["ranks"],
+                "ffn_expert_parallel": {name: parts[0].shard.sharded
+                                        for name, parts in self.ffn.halves.items()}}
+
+
+class SeqSplitFollower(TPFollower):
+    """A follower rank of a sequence split: the whole model, its own share of the KV pages;
+    `run` (TPFollower's) replays rank 0's journal and runs every step's forward."""
+
+    def __init__(self, config: EngineConfig, group: Group):
+        self.config = config
+        self.group = group
+        self.device = rank_device(config, group.rank)
+        self.attention, halves = {}, {}
+        for entry in config.models:
+            self.attention[entry.name], halves[entry.name] = load_parts(config, entry, group,
+                                                                        self.device)
+        self.ffn = TPFFNExecutor(halves, self.device)
+        self.kv_pool = _split_pool(config, self.device, group)
+        for entry in config.models:
+            add_kv(self.kv_pool, config, entry, self.attention[entry.name])
+        self.runners = {entry.name: _split_runner(config, entry, self.attention[entry.name],
+                                                  self.kv_pool, self.ffn, group)
+                        for entry in config.models}
+
+
+def follower_main(rank: int, world_size: int, init_method: str, config: EngineConfig,
+                  parent_pid: int) -> None:
+    """A follower process: join, load, answer rank 0's start-up handshake, mirror its steps."""
+    logging.basicConfig(level=logging.INFO,
+                        format=f"[%(asctime)s seq-rank-{rank}] %(levelname)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    _exit_with_parent(parent_pid)
+    group = init_group(rank, world_size, init_method, rank_device(config, rank),
+                       timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+    follower, error = None, None
+    try:
+        follower = SeqSplitFollower(config, group)
+    except Exception as e:  # reported to rank 0 in the handshake
+        log.exception("loading the model failed")
+        error = f"{type(e).__name__}: {e}"
+    failed = False
+    for src in range(world_size):  # TPEngineCore._check_ranks
+        said = group.broadcast_object(error if src == rank else None, src=src)
+        failed = failed or said is not None
+    if failed:
+        os._exit(1)
+    follower.run()
+    group.close()
+
+
+__all__ = ["SeqSplitEngineCore", "SeqSplitFollower"]

@@ -1,0 +1,86 @@
+"""Attention split over 2-3 worker processes (gloo) gives one process's greedy tokens (issue
+16): the sequence split for a GQA model (Qwen3-MoE) and an MLA model (DeepSeek-V2), each
+request's KV pages spread over the ranks (experts divided over them too); the head split
+(tensor parallelism with the KV heads divided) for GQA. Small KV pages, so every request spans
+blocks on every rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_crosspool.engine.engine import Engine
+from sglang_crosspool.testing.checkpoints import make_model
+
+PROMPTS = [list(range(5, 90, 3)), [7, 8, 10], [11, 400, 12, 13, 600, 14, 15, 16, 17, 18, 19]]
+GREEDY = {"max_new_tokens": 10, "temperature": 0}
+# 1 KiB pages: 8 tokens of the tiny Qwen3 (2 KV heads x 16 dims), 4 of DeepSeek's latent; chunks
+# of 16 make the longest prompt's prefill continue over KV already spread over the ranks.
+OPTIONS = {"dtype": "float32", "kv_page_bytes": 1024, "chunked_prefill_size": 16}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    return {
+        "qwen3_moe": str(make_model(root / "qwen3", "qwen3_moe", seed=1)),
+        "deepseek_v2": str(make_model(root / "ds", "deepseek_v2", seed=1)),
+        # 3 KV heads (6 q heads), so that 3 ranks divide them
+        "qwen3_kv3": str(make_model(root / "qwen3_kv3", "qwen3_moe", seed=2,
+                                    num_attention_heads=6, num_key_value_heads=3)),
+    }
+
+
+def _tokens(path: str, **options) -> tuple[list, dict]:
+    engine = Engine(path, **{**OPTIONS, **options})
+    try:
+        out = [o["output_ids"] for o in engine.generate(input_ids=PROMPTS,
+                                                        sampling_params=GREEDY)]
+        return out, engine.stats()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(("arch", "ranks"), [("qwen3_moe", 2), ("qwen3_moe", 3),
+                                             ("deepseek_v2", 2), ("deepseek_v2", 3)])
+def test_sequence_split_gives_one_process_tokens(models, arch, ranks):
+    want, _ = _tokens(models[arch])
+    got, stats = _tokens(models[arch], attention_split="seq", attention_split_size=ranks)
+    assert got == want
+    per_rank = stats["parallel"]["kv_pages_per_rank"]
+    assert len(per_rank) == ranks and all(r["used_pages"] for r in per_rank)  # cached prefixes
+    # Experts divided over the ranks, except where DeepSeek's shared experts (32 wide) cannot
+    # be cut in 3: its FFN stays whole on every rank.
+    expert_parallel = not (arch == "deepseek_v2" and ranks == 3)
+    assert list(stats["parallel"]["ffn_expert_parallel"].values()) == [expert_parallel]
+
+
+@pytest.mark.parametrize(("arch", "ranks", "extra"), [("qwen3_moe", 2, {}),
+                                                      ("qwen3_kv3", 3, {"ep_size": 3})])
+def test_head_split_gives_one_process_tokens(models, arch, ranks, extra):
+    if arch == "qwen3_kv3":  # 3 KV heads x 16 floats: 192 bytes a token and layer
+        extra = {**extra, "kv_page_bytes": 1536}
+    want, _ = _tokens(models[arch], kv_page_bytes=extra.get("kv_page_bytes", 1024))
+    got, stats = _tokens(models[arch], attention_split="head", attention_split_size=ranks,
+                         **extra)
+    assert got == want
+    model = next(iter(stats["parallel"]["models"].values()))
+    assert model["kv_replicas"] == 1  # no KV head kept twice
+
+
+def test_head_split_of_a_latent_cache_is_refused(models):
+    with pytest.raises(ValueError, match="use attention_split seq"):
+        Engine(models["deepseek_v2"], attention_split="head", attention_split_size=2)
+
+
+def test_launcher_flags_reach_the_engine_config(models):
+    from sglang_crosspool.server_args import ServerArgs
+
+    seq = ServerArgs.from_cli(["--model", f"ds={models['deepseek_v2']}", "--attention-split",
+                               "seq", "--attention-split-size", "3"]).engine_config()
+    assert (seq.attention_split, seq.attention_split_size, seq.tp_size) == ("seq", 3, 1)
+    head = ServerArgs.from_cli(["--model", f"q={models['qwen3_moe']}", "--attention-split",
+                                "head", "--attention-split-size", "2"]).engine_config()
+    assert (head.attention_split, head.tp_size) == ("head", 2)
+    with pytest.raises(ValueError, match="pool_mode 'crosspool'"):
+        Engine(models["qwen3_moe"], pool_mode="crosspool", attention_split="seq",
+               attention_split_size=2)
