@@ -90,10 +90,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    mid_ptr, lse_ptr, o_ptr,
+    mid_ptr, lse_ptr, o_ptr, lse_out_ptr,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-    head_dim, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_xb, stride_xh, head_dim, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -111,6 +111,10 @@ def _decode_merge_kernel(
     out = tl.sum(w[:, None] * part, 0) / tl.where(den == 0.0, 1.0, den)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty),
              mask=dmask)
+    if WRITE_LSE:  # the row's natural log-sum-exp (sequence split: partials merge by it)
+        merged = tl.where(den == 0.0, float("-inf"),
+                          (top + tl.log2(tl.maximum(den, 1e-30))) * 0.6931471805599453)
+        tl.store(lse_out_ptr + b * stride_xb + h * stride_xh, merged)
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,8 +139,12 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     ctx_lens, block_tokens: int, sm_scale: float | None = None, out: torch.Tensor | None = None,
     num_splits: int | None = None, max_ctx_len: int | None = None, config: dict | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, H, d] over each sequence's paged context; returns [B, H, d].
+
+    `lse_out` [B, H] float32: also write each row's natural log-sum-exp of the scaled scores
+    there (-inf for an empty row), for merging with partials over other keys (sequence split).
 
     `num_splits` fixes the split count (keep it fixed under CUDA graphs); otherwise it comes
     from the tuned config, capped so that a split covers at least `min_split_tokens` when
@@ -169,7 +177,7 @@ def decode_attention(
     }
     grid = (batch, num_kv_heads, num_splits)
     scale_log2 = sm_scale * math.log2(math.e)
-    if num_splits == 1:
+    if num_splits == 1 and lse_out is None:
         _decode_split_kernel[grid](
             q, k_cache, v_cache, block_tables, ctx, out, out,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -188,11 +196,13 @@ def decode_attention(
         mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
         scale_log2, block_tokens, head_dim, num_splits, DIRECT=False, **common,
     )
+    lse_args = (lse_out.stride(0), lse_out.stride(1)) if lse_out is not None else (0, 0)
     _decode_merge_kernel[(batch, num_heads)](
-        mid, lse, out,
+        mid, lse, out, lse_out if lse_out is not None else lse,
         mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), head_dim, num_splits,
-        BLOCK_S=next_pow2(num_splits), BLOCK_D=next_pow2(head_dim), num_warps=4 if head_dim >= 128 else 2,
+        out.stride(0), out.stride(1), *lse_args, head_dim, num_splits,
+        BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=next_pow2(head_dim),
+        WRITE_LSE=lse_out is not None, num_warps=4 if head_dim >= 128 else 2,
     )
     return out
 

@@ -16,16 +16,17 @@ step (o_proj, FFN, sampling) stays identical on every rank.
 
 `wrap(backend, group, rank_slots)` turns the model's unsplit backend into its split twin:
 `SeqSplitAttention` for GQA/MHA backends, `SeqSplitLatentAttention` for MLA's latent cache.
-On CUDA the latent one runs decode steps through the Triton MLA kernel over a compact table
-of this rank's blocks (keys need no order in decode: there is no mask inside the context),
-returning the log-sum-exp; the rest uses the torch partials. No CUDA graphs (eager steps).
+On CUDA both run decode steps through the Triton decode kernels (decode_attention,
+mla_decode) over a compact table of this rank's blocks (keys need no order in decode: there is
+no mask inside the context), which return the log-sum-exp too; prefill and mixed steps use the
+torch partials. No CUDA graphs (eager steps).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sglang_crosspool.engine.attention import AttentionBackend
+from sglang_crosspool.engine.attention import AttentionBackend, TritonAttention
 from sglang_crosspool.engine.attention_mla import LatentAttention, TritonLatentAttention
 from sglang_crosspool.engine.forward_batch import ForwardBatch
 from sglang_crosspool.engine.partial_attention import (
@@ -64,6 +65,15 @@ class _LocalPages:
         self.store_slots = fb.slot_mapping[self.store_rows] % rank_slots
         self.q_positions = fb.positions
 
+    def compact_table(self, device) -> torch.Tensor:
+        """[B, max local blocks] of this rank's blocks per sequence (padded with block 0, the
+        guard): with `lens`, what the decode kernels read."""
+        width = max(1, max(len(t) for t in self.tables))
+        table = torch.zeros(len(self.tables), width, dtype=torch.int64, device=device)
+        for i, t in enumerate(self.tables):
+            table[i, : len(t)] = t
+        return table
+
 
 class _SeqSplit(AttentionBackend):
     def __init__(self, inner: AttentionBackend, group, rank_slots: int):
@@ -91,12 +101,29 @@ class _SeqSplit(AttentionBackend):
 
 
 class SeqSplitAttention(_SeqSplit):
-    """GQA/MHA over this rank's pages of each sequence, merged over the ranks."""
+    """GQA/MHA over this rank's pages of each sequence, merged over the ranks. Decode steps
+    run the Triton decode kernel on CUDA (and on CPU where the model's backend is triton: the
+    interpreter), the rest the torch partials."""
+
+    def __init__(self, inner: AttentionBackend, group, rank_slots: int):
+        super().__init__(inner, group, rank_slots)
+        from crosspool_kernels import KERNELS
+
+        self._kernel = KERNELS["decode_attention"].triton  # None without triton
+        self._kernel_on_cpu = isinstance(inner, TritonAttention)
 
     def forward(self, q, k, v, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
         meta = fb.attn_meta
         k_cache[meta.store_slots] = k[meta.store_rows]
         v_cache[meta.store_slots] = v[meta.store_rows]
+        if self._kernel is not None and (q.is_cuda or self._kernel_on_cpu) and \
+                all(n == 1 for n in fb.q_lens):
+            lse = q.new_empty(q.shape[0], self.num_heads, dtype=torch.float32)
+            out = self._kernel(q, k_cache, v_cache, meta.compact_table(q.device), meta.lens,
+                               fb.block_tokens, sm_scale=self.scale,
+                               out=q.new_empty(q.shape, dtype=torch.float32), lse_out=lse,
+                               max_ctx_len=max(meta.lens))
+            return self._merge(out, lse, q.dtype)
         out = q.new_zeros(q.shape[0], self.num_heads, self.head_dim, dtype=torch.float32)
         lse = q.new_full((q.shape[0], self.num_heads), float("-inf"), dtype=torch.float32)
         for i, rows, meta in self._rows(fb):
@@ -139,13 +166,9 @@ class SeqSplitLatentAttention(_SeqSplit):
     def _decode_kernel(self, q, k_cache, meta: _LocalPages, block_tokens: int):
         """Decode rows through the Triton MLA kernel over compact local tables: (out [B, H, r]
         float32, lse [B, H] natural log)."""
-        width = max(1, max(len(t) for t in meta.tables))
-        table = torch.zeros(len(meta.tables), width, dtype=torch.int64, device=q.device)
-        for i, t in enumerate(meta.tables):
-            table[i, : len(t)] = t
         lse = q.new_empty(q.shape[0], self.num_heads, dtype=torch.float32)
         out = self._kernel(
-            q, k_cache, table, meta.lens, block_tokens, self.value_dim, self.scale,
+            q, k_cache, meta.compact_table(q.device), meta.lens, block_tokens, self.value_dim, self.scale,
             out=q.new_empty(q.shape[0], self.num_heads, self.value_dim, dtype=torch.float32),
             lse_out=lse, max_ctx_len=max(meta.lens))
         return out, lse

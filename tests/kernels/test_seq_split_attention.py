@@ -10,13 +10,17 @@ import torch
 
 pytest.importorskip("triton")
 
+from crosspool_kernels.decode_attention import decode_attention
 from crosspool_kernels.mla_decode import mla_decode
 
 from sglang_crosspool.engine import seq_split
-from sglang_crosspool.engine.attention import TorchAttention
+from sglang_crosspool.engine.attention import TorchAttention, TritonAttention
 from sglang_crosspool.engine.attention_mla import LatentAttention, TritonLatentAttention
 from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
-from sglang_crosspool.engine.partial_attention import partial_latent_attention
+from sglang_crosspool.engine.partial_attention import (
+    partial_attention,
+    partial_latent_attention,
+)
 from sglang_crosspool.memory.kv_pool import KVPool
 from sglang_crosspool.memory.kv_split import SplitKVPool
 from sglang_crosspool.memory.page_backend import SimulatedPageBackend
@@ -89,8 +93,20 @@ def _pool(group, latent: bool) -> SplitKVPool:
     return pool
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_gqa_prefill_then_decode_matches_unsplit(world):
+def _locked(backend):
+    """The backend with its decode kernel taking the interpreter lock."""
+    kernel = getattr(backend, "_kernel", None)
+    if kernel is not None:
+        def locked(*args, **kwargs):
+            with _INTERPRETER:
+                return kernel(*args, **kwargs)
+
+        backend._kernel = locked
+    return backend
+
+
+@pytest.mark.parametrize(("world", "inner"), [(2, TorchAttention), (3, TritonAttention)])
+def test_gqa_prefill_then_decode_matches_unsplit(world, inner):
     gen = torch.Generator().manual_seed(0)
     length = 23  # blocks of 4 tokens (256-byte pages): 6 blocks over the ranks
     q = torch.randn(length, HEADS, DIM, generator=gen)
@@ -100,8 +116,8 @@ def test_gqa_prefill_then_decode_matches_unsplit(world):
     def rank_fn(group):
         pool = _pool(group, latent=False)
         blocks = pool.alloc_blocks("m", 6)
-        backend = seq_split.wrap(TorchAttention(HEADS, KV_HEADS, DIM), group,
-                                 pool.rank_slots("m"))
+        backend = _locked(seq_split.wrap(inner(HEADS, KV_HEADS, DIM), group,
+                                         pool.rank_slots("m")))
         kv = pool.models["m"]
         outs = []
         for start, n in ((0, 20), (20, 3)):  # a prefill, then decode-sized steps
@@ -134,16 +150,8 @@ def test_mla_prefill_then_decode_matches_unsplit(world, inner):
     def rank_fn(group):
         pool = _pool(group, latent=True)
         blocks = pool.alloc_blocks("m", 7)
-        backend = seq_split.wrap(inner(HEADS, RANK + ROPE, RANK, scale), group,
-                                 pool.rank_slots("m"))
-        if backend._kernel is not None:
-            kernel = backend._kernel
-
-            def locked(*args, **kwargs):
-                with _INTERPRETER:
-                    return kernel(*args, **kwargs)
-
-            backend._kernel = locked
+        backend = _locked(seq_split.wrap(inner(HEADS, RANK + ROPE, RANK, scale), group,
+                                         pool.rank_slots("m")))
         kv = pool.models["m"]
         outs = []
         fb = _step(pool, blocks, 0, 10, 10)
@@ -177,5 +185,24 @@ def test_mla_decode_writes_log_sum_exp():
             keys = cache[slots[:n], 0]
             want, want_lse = partial_latent_attention(q[i:i + 1], torch.tensor([n]), keys,
                                                       torch.arange(n), RANK, 0.2)
+            torch.testing.assert_close(out[i], want[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lse[i], want_lse[0], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_writes_log_sum_exp():
+    gen = torch.Generator().manual_seed(3)
+    block_tokens, lens = 4, [9, 0, 16]
+    k = torch.randn(12 * block_tokens, KV_HEADS, DIM, generator=gen)
+    v = torch.randn(12 * block_tokens, KV_HEADS, DIM, generator=gen)
+    table = torch.tensor([[3, 1, 7, 0], [0, 0, 0, 0], [2, 4, 5, 6]])
+    q = torch.randn(3, HEADS, DIM, generator=gen)
+    for splits in (1, 3):
+        lse = torch.empty(3, HEADS)
+        out = decode_attention(q, k, v, table, lens, block_tokens, sm_scale=0.3,
+                               num_splits=splits, out=torch.empty(3, HEADS, DIM), lse_out=lse)
+        for i, n in enumerate(lens):
+            slots = (table[i, :, None] * block_tokens + torch.arange(block_tokens)).flatten()
+            want, want_lse = partial_attention(q[i:i + 1], torch.tensor([n]), k[slots[:n]],
+                                               v[slots[:n]], torch.arange(n), 0.3)
             torch.testing.assert_close(out[i], want[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(lse[i], want_lse[0], atol=1e-5, rtol=1e-5)
