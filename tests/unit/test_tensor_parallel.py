@@ -1,0 +1,118 @@
+"""Tensor and expert parallelism (--tp-size, --ep-size) on CPU: gloo over 2 and 4 processes.
+
+Each case starts one Engine over the four architectures and DeepSeek-V2 (rank 0 in this
+process, followers spawned) and checks its greedy tokens against the same Engine at TP 1.
+The prompts span several KV blocks, and the second round repeats a prompt so that the prefix
+cache's block sharing (retain / free) is replayed by the followers too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_crosspool import Engine
+from sglang_crosspool.models.checkpoint import CheckpointFiles, DummyFiles
+from sglang_crosspool.models.config import load_spec
+from sglang_crosspool.models.parallel import ParallelError, ShardPlan
+from sglang_crosspool.testing.checkpoints import ARCHS, make_model
+
+GREEDY = {"max_new_tokens": 6, "temperature": 0.0}
+LONG = [(7 * i + 3) % 1000 for i in range(140)]  # two whole KV blocks at TP 2 and 4
+ROUNDS = [[LONG, [5, 6, 7]], [LONG + [11, 12], [9, 10]]]
+
+
+@pytest.fixture(scope="module")
+def all_models(tiny_models, tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("tp_models")
+    return [tiny_models[a] for a in ARCHS] + [str(make_model(root / "deepseek_v2",
+                                                              "deepseek_v2", seed=1))]
+
+
+def _generate(paths: list[str], **options) -> tuple[dict, dict]:
+    names = [ARCHS[i] if i < len(ARCHS) else "deepseek_v2" for i in range(len(paths))]
+    tokens = {}
+    with Engine(paths, served_model_name=names, device="cpu", dtype="float32",
+                **options) as engine:
+        for rnd, prompts in enumerate(ROUNDS):
+            for name in names:
+                outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, model=name)
+                tokens[(rnd, name)] = [o["output_ids"] for o in outs]
+        stats = engine.stats()
+    return tokens, stats
+
+
+@pytest.fixture(scope="module")
+def reference(all_models):
+    return _generate(all_models)[0]
+
+
+@pytest.mark.parametrize("tp, ep", [(2, 1), (4, 1), (2, 2), (4, 4)],
+                         ids=["tp2", "tp4", "ep2", "ep4"])
+def test_greedy_tokens_equal_tp1(all_models, reference, tp, ep):
+    tokens, stats = _generate(all_models, tp_size=tp, ep_size=ep)
+    assert tokens == reference
+    par = stats["parallel"]
+    assert (par["tp_size"], par["ep_size"]) == (tp, ep)
+    # 4 heads / 2 KV heads: split at TP 2, each KV head on two ranks at TP 4; MLA: every rank.
+    qwen, mla = par["models"]["qwen3_moe"], par["models"]["deepseek_v2"]
+    assert qwen["heads_per_rank"] == 4 // tp and qwen["kv_replicas"] == max(1, tp // 2)
+    assert mla["kv_replicas"] == tp
+    assert mla["replicated_kv_bytes_per_token"] == (tp - 1) * mla["kv_bytes_per_token"] // tp
+
+
+def test_tp_plus_ep_groups(all_models, reference):
+    """TP 4 with 2 expert groups: experts sliced in two, each expert's rows split in two."""
+    tokens, _ = _generate(all_models[:2], tp_size=4, ep_size=2)
+    assert tokens == {k: v for k, v in reference.items() if k[1] in ARCHS[:2]}
+
+
+# -- the cut itself (no processes) -----------------------------------------------------------
+
+def test_head_split_and_replication():
+    # Qwen3-235B-A22B: 64 heads, 4 KV heads; at TP 8 each KV head is kept by two ranks.
+    split = [ShardPlan(r, 8).heads(64, 4, 128) for r in range(8)]
+    assert [s.kv_head_start for s in split] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert {(s.heads, s.kv_heads, s.kv_replicas) for s in split} == {(8, 1, 2)}
+    # q heads of a rank use that rank's KV head (GQA group of 16 q heads per KV head).
+    assert all(s.head_start // 16 == s.kv_head_start for s in split)
+    assert ShardPlan(1, 2).heads(32, 8, 128).kv_rows == (4 * 128, 8 * 128)
+    with pytest.raises(ParallelError, match="attention heads"):
+        ShardPlan(0, 3).heads(4, 2, 16)
+    with pytest.raises(ParallelError, match="KV heads"):
+        ShardPlan(0, 4).heads(12, 3, 16)
+
+
+def test_expert_slices_and_groups():
+    assert [ShardPlan(r, 4, 4).experts(6) for r in range(4)] == [[0, 1], [2, 3], [4], [5]]
+    plan = [ShardPlan(r, 4, 2) for r in range(4)]
+    assert [p.experts(8) for p in plan] == [[0, 1, 2, 3]] * 2 + [[4, 5, 6, 7]] * 2
+    assert [p.expert_rows(32) for p in plan] == [(0, 16), (16, 32)] * 2
+    assert ShardPlan(3, 4, 1).expert_rows(32) == (24, 32)
+    with pytest.raises(ParallelError, match="divide"):
+        ShardPlan(0, 4, 3)
+
+
+def test_config_refusals(tiny_models):
+    path = tiny_models["qwen3_moe"]
+    with pytest.raises(ValueError, match="attention heads cannot be split over tp_size 3"):
+        Engine(path, device="cpu", tp_size=3)
+    with pytest.raises(ValueError, match="crosspool"):
+        Engine(path, device="cpu", tp_size=2, pool_mode="crosspool")
+    with pytest.raises(ValueError, match="pipeline_microbatches"):
+        Engine(path, device="cpu", tp_size=2, pipeline_microbatches=2)
+    with pytest.raises(ValueError, match="must divide tp_size"):
+        Engine(path, device="cpu", tp_size=2, ep_size=4)
+
+
+def test_shard_reads_only_its_part(tiny_models):
+    """A rank's slice read from the safetensors file (and from dummy weights) equals the
+    slice of the whole tensor."""
+    path = tiny_models["mixtral"]
+    spec = load_spec(path)
+    key = "model.layers.0.self_attn.o_proj.weight"
+    shape = (spec.hidden_size, spec.q_size)
+    for files in (CheckpointFiles(path), DummyFiles(path)):
+        whole = files.get(key, shape)
+        part = files.get(key, shape, part=(1, 16, 48))
+        assert torch.equal(part, whole[:, 16:48])
