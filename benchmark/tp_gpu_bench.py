@@ -1,0 +1,302 @@
+"""Tensor and expert parallelism on 2 GPUs against one (issue 21): decode ms per step at batch
+1, 16 and 64 for TP 1, TP 2 and EP 2, and what the collectives cost.
+
+    python benchmark/tp_gpu_bench.py --out /tmp/tp.json                         # 2 x H200
+    python benchmark/tp_gpu_bench.py --model-config tests/data/model-configs/OLMoE-1B-7B-0924 \
+        --layers 16 --out /tmp/tp-olmoe.json
+    python benchmark/tp_gpu_bench.py --device cpu --out /tmp/tp-cpu.json        # tiny, CPU
+
+One command, standalone (it puts the repository's packages on sys.path itself, no torchrun).
+Each mode runs in fresh processes, one per rank (rank r on cuda:r; NCCL between them, gloo on
+CPU), spawned by this script:
+- `tp1`: the whole model on GPU 0;
+- `tp2`: attention heads, dense weights and every expert's intermediate rows split over
+  --ranks GPUs, two all-reduces per layer (o_proj, FFN);
+- `ep2`: attention as tp2, experts sliced over the ranks (each whole), the FFN's partial sums
+  combined by the same all-reduce.
+Every rank builds its own shard from config.json (random bf16 weights, `load_format dummy`,
+made on its GPU) with the engine's own code (engine/tensor_parallel.py: load_shard,
+make_kv_pool, make_runner), fills B sequences of --ctx tokens of KV with random values in its
+own pool (the same blocks on every rank) and runs the decode step in lockstep, eagerly (the
+engine captures no CUDA graphs under TP yet; TP 1 runs eagerly too, for a like-for-like
+comparison). Reported per mode and batch, from rank 0's CUDA events:
+- `step_ms`: one decode step of the model (ms per output token of each sequence);
+- `all_reduce_us`: one all-reduce of the step's [B, hidden] hidden states, alone;
+  `all_reduce_ms_per_step` = 2 x layers x that;
+- `control_us`: broadcasting one step's metadata to the followers (what the engine's rank 0
+  sends every step over gloo);
+- per rank: weight bytes held and KV bytes per token (with the replicated share).
+The JSON is rewritten after every mode, so a run stopped midway keeps what it measured.
+On CPU (--device cpu) a tiny checkpoint runs in float32 over gloo, to check the script
+itself; its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark.gpu_env import setup_paths
+
+setup_paths("cpu" if "cpu" in sys.argv else "cuda")
+
+DEFAULT_CONFIG = "tests/data/model-configs/Qwen3-30B-A3B"
+MODES = {"tp1": (1, 1), "tp2": (2, 1), "ep2": (2, 2)}  # name -> (tp_size, ep_size) at 2 ranks
+
+
+def mode_sizes(name: str, ranks: int) -> tuple[int, int]:
+    """tpN / epN for any N; tp2 and ep2 follow --ranks."""
+    kind, n = name[:2], int(name[2:] or ranks)
+    if kind not in ("tp", "ep") or n < 1:
+        raise SystemExit(f"--modes: {name!r} is not tpN or epN")
+    return (n, 1) if kind == "tp" else (n, n)
+
+
+# -- one rank (a spawned process) -------------------------------------------------------------
+
+def _rank(rank: int, world: int, init_method: str, config, args: dict) -> dict:
+    import torch
+
+    from sglang_crosspool.distributed import init_group
+    from sglang_crosspool.engine.tensor_parallel import (
+        TPFFNExecutor,
+        add_kv,
+        load_shard,
+        make_kv_pool,
+        make_runner,
+        rank_device,
+    )
+    from sglang_crosspool.models.parallel import ShardPlan
+
+    device = rank_device(config, rank)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    group = init_group(rank, world, init_method, device, timeout_s=300)
+    out = {"rank": rank, "device": str(device)}
+    try:
+        entry = config.models[0]
+        spec = entry.spec
+        t0 = time.perf_counter()
+        shard = ShardPlan(rank, config.tp_size, config.ep_size)
+        attention, ffn_half = load_shard(config, entry, shard, group, device)
+        ffn = TPFFNExecutor({entry.name: ffn_half}, device)
+        pool = make_kv_pool(config, device)
+        add_kv(pool, config, entry, attention)
+        runner = make_runner(config, entry, attention, pool, ffn)
+        _sync(on_cuda)
+        out["load_s"] = round(time.perf_counter() - t0, 2)
+        out["attention_bytes"] = attention.nbytes()
+        out["ffn_bytes"] = ffn_half.nbytes()
+        h = attention.heads
+        per_token = spec.kv_bytes_per_token(config.dtype) * h.kv_heads // spec.num_kv_heads
+        out["kv_bytes_per_token"] = per_token
+        out["kv_replicas"] = h.kv_replicas
+        out["heads"], out["kv_heads"] = h.heads, h.kv_heads
+        if on_cuda:
+            out["memory_allocated_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
+        rows = {}
+        for batch in args["batches"]:
+            rows[str(batch)] = _measure(runner, pool, config, batch, args, group)
+            if rank == 0:
+                print(f"  batch {batch}: {json.dumps(rows[str(batch)])}", flush=True)
+        out["batches"] = rows
+        return out
+    finally:
+        group.close()
+
+
+def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
+    """One batch size on this rank: B sequences of ctx tokens of random KV, then the timings."""
+    import torch
+
+    from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
+
+    entry = config.models[0]
+    spec, name, device = entry.spec, entry.name, group.device
+    on_cuda, world, ctx = device.type == "cuda", group.world_size, args["ctx"]
+    bt = pool.block_tokens(name)
+    kv = pool.models[name]
+    blocks = []
+    for _ in range(batch):
+        got = pool.alloc_blocks(name, -(-ctx // bt))
+        if got is None:
+            for seq in blocks:
+                pool.free_blocks(name, seq)
+            return {"skipped": f"KV pool too small for {batch} x {ctx} (--kv-gib)"}
+        blocks.append(got)
+    try:
+        gen = torch.Generator(device=device).manual_seed(group.rank)  # any values: timing only
+        for cache in kv.k + ([] if kv.latent else kv.v):
+            for seq in blocks:
+                for b in seq:
+                    cache[b * bt:(b + 1) * bt].normal_(0, 1, generator=gen)
+        pos = ctx - 1
+        lists = StepLists(
+            ids=[(17 * i + 5) % spec.vocab_size for i in range(batch)], positions=[pos] * batch,
+            slots=[seq[pos // bt] * bt + pos % bt for seq in blocks],
+            q_starts=list(range(batch)), q_lens=[1] * batch, ctx_lens=[ctx] * batch,
+            tables=blocks)
+        rows_t = torch.arange(batch, device=device)
+
+        def step():
+            fb = ForwardBatch.from_lists(lists, bt, device)
+            if group.rank == 0:
+                return runner.forward(fb, rows_t)  # logits on rank 0 only, as in the engine
+            runner.backend.prepare(fb)
+            return runner.layers(fb)
+
+        with torch.inference_mode():
+            for _ in range(args["warmup"]):
+                last = step()
+            finite = bool(torch.isfinite(last).all())
+            step_ms = _timed(step, args["iters"], on_cuda, group)
+            x = torch.randn(batch, spec.hidden_size, device=device, dtype=config.torch_dtype)
+            ar_us = ctl_us = 0.0
+            if world > 1:
+                ar_us = 1e3 * _timed(lambda: group.all_reduce(x), args["iters"] * 4, on_cuda,
+                                     group)
+                ctl_us = 1e3 * _timed(lambda: group.broadcast_object(lists), args["iters"],
+                                      False, group)
+    finally:
+        for seq in blocks:
+            pool.free_blocks(name, seq)
+    return {"step_ms": round(step_ms, 4), "finite": finite, "all_reduce_us": round(ar_us, 2),
+            "all_reduce_ms_per_step": round(2 * spec.num_layers * ar_us / 1e3, 4),
+            "control_us": round(ctl_us, 2)}
+
+
+def _sync(on_cuda: bool) -> None:
+    if on_cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _timed(fn, n: int, on_cuda: bool, group) -> float:
+    """Mean ms per call over n calls; every rank starts together (a barrier first)."""
+    group.barrier()
+    _sync(on_cuda)
+    if on_cuda:
+        from benchmark.gpu_env import cuda_ms
+
+        return cuda_ms(fn, n)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+def _model_dir(args, root: Path) -> str:
+    from sglang_crosspool.testing.checkpoints import make_config_only, make_model
+
+    if args.device == "cpu":
+        return str(make_model(root / "tiny", args.tiny_arch, size="tiny", seed=1))
+    src = Path(args.model_config)
+    if not (src / "config.json").is_file():
+        raise SystemExit(f"--model-config: {src}/config.json not found")
+    return str(make_config_only(root / src.name, src, num_hidden_layers=args.layers))
+
+
+def _config(path: str, args, tp: int, ep: int):
+    from sglang_crosspool.config import EngineConfig
+
+    return EngineConfig.build(
+        path, device="cpu" if args.device == "cpu" else "cuda:0",
+        dtype="float32" if args.device == "cpu" else "bfloat16",
+        load_format="auto" if args.device == "cpu" else "dummy",
+        context_length=args.ctx + 64, max_running_requests=max(args.batches),
+        kv_budget_bytes=int(args.kv_gib * 2**30), disable_cuda_graph=True,
+        moe_small_batch=args.moe_small_batch, tp_size=tp, ep_size=ep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON report path")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--model-config", default=DEFAULT_CONFIG,
+                   help="a folder with a real config.json (weights are random)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers kept (depth cut)")
+    p.add_argument("--modes", default="tp1,tp2,ep2", help="comma list of tpN / epN")
+    p.add_argument("--ranks", type=int, default=2, help="ranks of tp2 / ep2 written as tp / ep")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--ctx", type=int, default=1024, help="tokens of KV per sequence")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--kv-gib", type=float, default=8.0, help="KV pool per rank")
+    p.add_argument("--moe-small-batch", default="off", choices=("auto", "on", "off"),
+                   help="the engine's small-batch MoE path (off: the fused-MoE GEMM at "
+                        "every batch, the path tested under TP)")
+    p.add_argument("--tiny-arch", default="qwen3_moe", help="CPU: the tiny checkpoint's arch")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    modes = [(m, *mode_sizes(m, args.ranks)) for m in args.modes.split(",")]
+
+    import torch
+
+    from sglang_crosspool.distributed.spawn import run_ranks
+
+    if args.device == "cuda":
+        need = max(tp for _, tp, _ in modes)
+        if not torch.cuda.is_available() or torch.cuda.device_count() < need:
+            raise SystemExit(f"needs {need} CUDA GPUs, found "
+                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+                             " (use --device cpu to check the script)")
+    else:
+        args.iters, args.warmup = min(args.iters, 2), 1
+        args.ctx = min(args.ctx, 100)
+    report = {"args": vars(args), "torch": torch.__version__, "modes": {}, "failed": []}
+    if args.device == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(0)
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as root:
+        path = _model_dir(args, Path(root))
+        for name, tp, ep in modes:
+            print(f"mode {name}: tp_size {tp}, ep_size {ep}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                config = _config(path, args, tp, ep)
+                ranks = run_ranks(_rank, tp, args=(config, {
+                    "batches": args.batches, "ctx": args.ctx, "iters": args.iters,
+                    "warmup": args.warmup}), timeout_s=1800)
+                report["modes"][name] = {"tp_size": tp, "ep_size": ep, "per_rank": ranks,
+                                         "wall_s": round(time.perf_counter() - t0, 1)}
+            except Exception as e:  # noqa: BLE001 - reported, the next mode still runs
+                traceback.print_exc()
+                report["failed"].append({"mode": name, "error": f"{type(e).__name__}: {e}"})
+            report["summary"] = summarize(report)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["summary"], indent=2))
+    return 1 if report["failed"] else 0
+
+
+def summarize(report: dict) -> dict:
+    """Per batch: each mode's step ms and its all-reduce share; per mode: bytes per GPU."""
+    table = {}
+    for name, mode in report["modes"].items():
+        lead = mode["per_rank"][0]
+        for batch, row in lead["batches"].items():
+            if "step_ms" in row:
+                table.setdefault(batch, {})[name] = {
+                    "step_ms": row["step_ms"],
+                    "all_reduce_ms_per_step": row["all_reduce_ms_per_step"],
+                    "control_us": row["control_us"]}
+    weights = {name: [r["attention_bytes"] + r["ffn_bytes"] for r in m["per_rank"]]
+               for name, m in report["modes"].items()}
+    return {"decode_step_ms_by_batch": table, "weight_bytes_per_rank": weights}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

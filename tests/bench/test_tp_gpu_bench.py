@@ -1,0 +1,25 @@
+"""benchmark/tp_gpu_bench.py runs end to end on CPU (tiny checkpoint, gloo): TP 1, TP 2 and
+EP 2 each measure every batch, the logits are finite and a TP rank holds less than TP 1."""
+
+from __future__ import annotations
+
+import json
+
+from benchmark import tp_gpu_bench
+
+
+def test_cpu_run_measures_every_mode(tmp_path):
+    out = tmp_path / "tp.json"
+    rc = tp_gpu_bench.main(["--device", "cpu", "--out", str(out), "--batches", "1,3",
+                            "--iters", "1"])
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["failed"] == [], data["failed"]
+    table = data["summary"]["decode_step_ms_by_batch"]
+    assert set(table) == {"1", "3"} and all(set(row) == {"tp1", "tp2", "ep2"}
+                                            for row in table.values())
+    for mode in data["modes"].values():
+        for rank in mode["per_rank"]:
+            assert all(row["finite"] for row in rank["batches"].values())
+    weights = data["summary"]["weight_bytes_per_rank"]
+    assert len(weights["tp2"]) == 2 and max(weights["tp2"]) < weights["tp1"][0]
+    assert data["modes"]["ep2"]["per_rank"][1]["batches"]["3"]["all_reduce_us"] > 0
