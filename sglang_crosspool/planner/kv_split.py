@@ -129,6 +129,8 @@ class SplitRow:
     kv_per_token: Figure
     max_position_embeddings: int
     options: dict[str, Option]
+    # The engine's flags for each option it runs (None: not this way), see `launch_flags`.
+    launch: dict[str, str | None] | None = None
 
 
 def _option(label: str, bytes_fig: Figure, total_fig: Figure, pool: int, token: int) -> Option:
@@ -191,15 +193,30 @@ def split_row(name: str, spec: ModelSpec, devices: int, device_memory: int,
         "sequence_split": _option("sequence split", seq_bytes, whole, pool, token.value),
     }
     return SplitRow(name, spec.model_type, g, spec.kv_latent, kv, kv_how, w, usable, free, token,
-                    spec.max_position_embeddings, options)
+                    spec.max_position_embeddings, options, launch_flags(spec, g))
+
+
+def launch_flags(spec: ModelSpec, devices: int) -> dict[str, str | None]:
+    """How this engine runs each option on `devices` GPUs (None where it does not): replicated
+    TP is --tp-size; a head split needs the KV heads divided evenly over min(G, kv) ranks (an
+    MLA latent never is); the sequence split runs on any G. NOTE: the engine's sequence split
+    keeps attention weights whole on every rank (experts divided), not W / G of everything."""
+    kv = 1 if spec.kv_latent else spec.num_kv_heads
+    h = min(devices, kv)
+    head = (f"--attention-split head --attention-split-size {h}"
+            if not spec.kv_latent and h > 1 and kv % h == 0 else None)
+    return {"replicated_tp": f"--tp-size {devices}" if devices > 1 else None,
+            "dp_replicas": None, "head_split": head,
+            "sequence_split": (f"--attention-split seq --attention-split-size {devices}"
+                               if devices > 1 else None)}
 
 
 def render(rows: list[SplitRow], arithmetic: bool = True) -> str:
     out = []
     for g in sorted({r.devices for r in rows}):
         group = [r for r in rows if r.devices == g]
-        out += [f"== {g} devices: KV one request can use, tokens (share of the devices' KV "
-                "memory) ==", ""]
+        out += [(f"== {g} devices: KV one request can use, tokens (share of the devices' KV "
+                 "memory) =="), ""]
         out.append("| model | kv heads | weights | F per device | "
                    + " | ".join(TITLES[o] for o in OPTIONS) + " | max_position |")
         out.append("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in OPTIONS)
@@ -216,6 +233,10 @@ def render(rows: list[SplitRow], arithmetic: bool = True) -> str:
         out.append("Shares are of the G devices' KV memory, G x F: what a request on this "
                    "deployment can reach of the KV capacity it pays for. A request is also capped "
                    "by max_position.")
+        for r in group:
+            flags = [f"{TITLES[o]} `{f}`" for o, f in (r.launch or {}).items() if f]
+            if flags:
+                out.append(f"Launch {r.model} here: " + "; ".join(flags) + ".")
         out += ["", f"KV of all requests together on {g} devices, tokens:", "",
                 "| model | " + " | ".join(TITLES[o] for o in OPTIONS) + " |",
                 "| --- | " + " | ".join("---:" for _ in OPTIONS) + " |"]

@@ -83,3 +83,12 @@ def test_crowded_pool_and_cli(capsys):
                            "--model-path", lite, "--devices", "8", "--device-memory", "141GB",
                            "--brief"], capture_output=True, text=True, check=True)
     assert "== 8 devices" in done.stdout and "sequence split" in done.stdout
+
+
+def test_launch_flags_name_what_the_engine_runs():
+    lite = split_row("lite", load_spec(CONFIGS / "DeepSeek-V2-Lite"), 2, H200).launch
+    assert lite["sequence_split"] == "--attention-split seq --attention-split-size 2"
+    assert lite["head_split"] is None  # one latent: a head split would replicate it
+    qwen = split_row("q", load_spec(CONFIGS / "Qwen3-30B-A3B"), 8, H200).launch
+    assert qwen["head_split"] == "--attention-split head --attention-split-size 4"
+    assert qwen["replicated_tp"] == "--tp-size 8"
