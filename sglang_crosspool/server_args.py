@@ -94,6 +94,8 @@ class ServerArgs:
     pipeline_models: bool = False
     attention_split: str = "none"  # none | seq | head over attention_split_size ranks
     attention_split_size: int = 1
+    tp_size: int = 1  # tensor parallelism: every model over --device and the next tp_size-1
+    ep_size: int = 1  # expert groups among the tp_size ranks (expert parallelism)
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
     kv_budget_bytes: int = 256 << 20
@@ -155,7 +157,8 @@ class ServerArgs:
             grammar_jump_forward=self.grammar_jump_forward,
             moe_small_batch=self.moe_small_batch,
             attention_split=self.attention_split,
-            attention_split_size=self.attention_split_size)
+            attention_split_size=self.attention_split_size,
+            tp_size=self.tp_size, ep_size=self.ep_size)
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
@@ -252,6 +255,7 @@ class ServerArgs:
             device_kv_pages=layout.kv_pages, plan_device_index=layout.plan_index,
             pipeline_microbatches=a.pipeline_microbatches, pipeline_models=a.pipeline_models,
             attention_split=a.attention_split, attention_split_size=a.attention_split_size,
+            tp_size=_tp_flags(a, layout), ep_size=a.ep_size,
             kv_pages=a.kv_pages,
             kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
@@ -259,6 +263,19 @@ class ServerArgs:
             max_request_bytes=a.max_request_bytes, shutdown_timeout=a.shutdown_timeout,
             stream_interval=a.stream_interval, default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
+
+
+def _tp_flags(a: argparse.Namespace, layout) -> int:
+    """--tp-size / --ep-size: the ranks of one attention worker (EngineConfig checks them
+    against the models); one worker only, for now."""
+    for flag, value in (("--tp-size", a.tp_size), ("--ep-size", a.ep_size)):
+        if value < 1:
+            raise ServerArgsError(f"{flag}: must be >= 1, got {value}")
+    if (a.tp_size > 1 or a.ep_size > 1) and (len(_devices(a.devices)) > 1 or layout.models):
+        raise ServerArgsError("--tp-size/--ep-size: one attention worker per server for now "
+                              "(its ranks on --device and the next GPUs); not with several "
+                              "--devices or a plan's device layout")
+    return a.tp_size
 
 
 def _devices(text: str | None) -> tuple[str, ...]:
@@ -592,6 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "--tp-size, refused where a KV head would be replicated: MLA)")
     g.add_argument("--attention-split-size", type=int, default=1,
                    help="ranks of --attention-split")
+    g.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="tensor parallelism: each model over N ranks (processes on --device "
+                        "and the next N-1 GPUs, gloo on CPU): attention heads split (KV heads "
+                        "replicated where fewer than N), dense weights and every expert's "
+                        "intermediate rows split, two all-reduces per layer; static and "
+                        "monolithic pool modes, eager (pass --disable-cuda-graph on CUDA)")
+    g.add_argument("--ep-size", "--expert-parallel-size", type=int, default=1, metavar="N",
+                   help="expert parallelism within the --tp-size ranks: N groups, each "
+                        "holding a contiguous slice of the routed experts (N divides "
+                        "--tp-size; N = --tp-size: every rank holds whole experts)")
     g.add_argument("--moe-small-batch", default="auto", choices=MOE_SMALL_BATCH,
                    help="MoE layers at few tokens as grouped GEMVs over the chosen experts "
                         "(shared expert in the same pass) instead of the fused-MoE GEMM; auto: "

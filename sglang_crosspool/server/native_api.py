@@ -313,6 +313,8 @@ async def server_info(request: Request):
             "in_flight": stats["in_flight"],
             "scheduler_pid": stats["pid"],
             "avg_spec_accept_length": None,
+            # --tp-size / --ep-size (or an attention split): ranks, heads and replicated KV
+            "parallel": stats.get("parallel"),
             # one entry per attention worker (device): its models, KV pages, weight bytes
             "workers": stats.get("workers") or [{
                 "index": 0, "device": stats.get("device"), "models": models,
