@@ -34,6 +34,7 @@ itself; its times mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,7 +48,11 @@ from benchmark.gpu_env import setup_paths
 
 setup_paths("cpu" if "cpu" in sys.argv else "cuda")
 
-DEFAULT_CONFIG = "tests/data/model-configs/Qwen3-30B-A3B"
+# NOTE: NVLink multicast stays off on shared machines (the ranks inherit this environment).
+os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+                  NVSHMEM_DISABLE_NVLS="1")
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "tests/data/model-configs/Qwen3-30B-A3B")
 MODES = {"tp1": (1, 1), "tp2": (2, 1), "ep2": (2, 2)}  # name -> (tp_size, ep_size) at 2 ranks
 
 
@@ -90,6 +95,9 @@ def _rank(rank: int, world: int, init_method: str, config, args: dict) -> dict:
         shard = ShardPlan(rank, config.tp_size, config.ep_size)
         attention, ffn_half = load_shard(config, entry, shard, group, device)
         ffn = TPFFNExecutor({entry.name: ffn_half}, device)
+        if on_cuda and args["kv_gib"] == "auto":  # what the weights leave, less a margin
+            free = torch.cuda.mem_get_info(device)[0] - int(args["margin_gib"] * 2**30)
+            config = dataclasses.replace(config, kv_budget_bytes=max(free, 1 << 30))
         pool = make_kv_pool(config, device)
         add_kv(pool, config, entry, attention)
         runner = make_runner(config, entry, attention, pool, ffn)
@@ -102,6 +110,11 @@ def _rank(rank: int, world: int, init_method: str, config, args: dict) -> dict:
         out["kv_bytes_per_token"] = per_token
         out["kv_replicas"] = h.kv_replicas
         out["heads"], out["kv_heads"] = h.heads, h.kv_heads
+        kv = pool.models[entry.name]
+        out["kv_pool_bytes"] = pool.total_pages * pool.page_bytes
+        # Tokens of KV this rank's pool holds (every rank holds the same tokens).
+        out["kv_tokens_capacity"] = min(pool.total_pages // kv.pages_per_block,
+                                        kv.num_blocks) * kv.block_tokens
         if on_cuda:
             out["memory_allocated_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
         rows = {}
@@ -217,7 +230,8 @@ def _config(path: str, args, tp: int, ep: int):
         dtype="float32" if args.device == "cpu" else "bfloat16",
         load_format="auto" if args.device == "cpu" else "dummy",
         context_length=args.ctx + 64, max_running_requests=max(args.batches),
-        kv_budget_bytes=int(args.kv_gib * 2**30), disable_cuda_graph=True,
+        kv_budget_bytes=int(float(8 if args.kv_gib == "auto" else args.kv_gib) * 2**30),
+        disable_cuda_graph=True,
         moe_small_batch=args.moe_small_batch, tp_size=tp, ep_size=ep)
 
 
@@ -234,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=1024, help="tokens of KV per sequence")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--kv-gib", type=float, default=8.0, help="KV pool per rank")
+    p.add_argument("--kv-gib", default="8",
+                   help="KV pool per rank in GiB, or auto: what the weights leave on the GPU "
+                        "less --margin-gib (reported as kv_tokens_capacity)")
+    p.add_argument("--margin-gib", type=float, default=6.0)
     p.add_argument("--moe-small-batch", default="off", choices=("auto", "on", "off"),
                    help="the engine's small-batch MoE path (off: the fused-MoE GEMM at "
                         "every batch, the path tested under TP)")
@@ -269,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 config = _config(path, args, tp, ep)
                 ranks = run_ranks(_rank, tp, args=(config, {
                     "batches": args.batches, "ctx": args.ctx, "iters": args.iters,
-                    "warmup": args.warmup}), timeout_s=1800)
+                    "warmup": args.warmup, "kv_gib": args.kv_gib,
+                    "margin_gib": args.margin_gib}), timeout_s=1800)
                 report["modes"][name] = {"tp_size": tp, "ep_size": ep, "per_rank": ranks,
                                          "wall_s": round(time.perf_counter() - t0, 1)}
             except Exception as e:  # noqa: BLE001 - reported, the next mode still runs
@@ -294,7 +312,10 @@ def summarize(report: dict) -> dict:
                     "control_us": row["control_us"]}
     weights = {name: [r["attention_bytes"] + r["ffn_bytes"] for r in m["per_rank"]]
                for name, m in report["modes"].items()}
-    return {"decode_step_ms_by_batch": table, "weight_bytes_per_rank": weights}
+    kv = {name: {k: m["per_rank"][0][k] for k in ("kv_tokens_capacity", "kv_bytes_per_token",
+                                                   "kv_replicas")}
+          for name, m in report["modes"].items()}
+    return {"decode_step_ms_by_batch": table, "weight_bytes_per_rank": weights, "kv": kv}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the group's timeout.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 from abc import ABC, abstractmethod
 
@@ -148,6 +149,11 @@ def init_group(rank: int, world_size: int, init_method: str | None = None,
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise ValueError(f"backend nccl needs a CUDA device, got {device}")
+    if backend == "nccl":
+        # NOTE: NVLink multicast (NVLS) is kept off unless asked for: on shared machines a
+        # program using it can put the host's GPUs out of service.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     if device.type == "cuda":
         if device.index is None:
             raise ValueError("device: name the GPU of this rank, e.g. cuda:1")
