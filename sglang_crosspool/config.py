@@ -86,6 +86,12 @@ class EngineConfig:
     # Two models' decode batches pipelined in one step and one CUDA graph (crosspool p2p):
     # one's attention runs while the other's experts run; see engine/pair_graphs.py.
     pipeline_models: bool = False
+    # Data-parallel attention (--dp-size): this worker is replica dp_rank of dp_size attention
+    # workers serving the same models; in crosspool they share one set of FFN servers, started
+    # by replica 0, each replica linked to them through sockets in ffn_link_dir.
+    dp_size: int = 1
+    dp_rank: int = 0
+    ffn_link_dir: str | None = None
     # The small-batch MoE path (kernels/crosspool_kernels/moe_small_batch.py,
     # --moe-small-batch): auto | on | off. auto: on CUDA at <= 2 tokens, where it beat the
     # fused-MoE GEMM on an H200 (benchmark/results/moe-small-batch-h200/); on: <= 8 tokens,

@@ -83,6 +83,7 @@ class ServerArgs:
     ffn_transport: str = "auto"
     ffn_device: str | None = None  # crosspool: where FFN servers run (default: --device)
     devices: tuple[str, ...] = ()  # one attention worker per device (--devices); () = --device
+    dp_size: int = 1  # data-parallel attention: every model on each of the dp_size devices
     ffn_placement: tuple | None = None  # from --plan: ((model, ((expert ids), ...)), ...)
     plan_path: str | None = None  # --plan
     # From --plan's device layout, per entry of `devices`: the models placed there, its KV
@@ -162,6 +163,8 @@ class ServerArgs:
         if self.max_total_tokens is not None and self.kv_pages is None:
             pages = kv_pages_for_tokens(config, self.max_total_tokens)
             config = dataclasses.replace(config, kv_pages=pages)
+        if self.dp_size > 1:
+            config = dataclasses.replace(config, dp_size=self.dp_size, ffn_link_dir=self.ipc_dir)
         return config
 
     # -- parsing ---------------------------------------------------------------------------
@@ -182,7 +185,8 @@ class ServerArgs:
     @classmethod
     def from_namespace(cls, a: argparse.Namespace, *, make_demo: bool = True,
                        argv: list[str] | None = None) -> ServerArgs:
-        if not a.plan and len(_devices(a.devices)) > 1 and \
+        _check_dp(a)
+        if not a.plan and a.dp_size == 1 and len(_devices(a.devices)) > 1 and \
                 all(d.startswith("cuda") for d in _devices(a.devices)):
             a.pool_mode = a.pool_mode or "monolithic"
             a.plan = _startup_plan(a, make_demo)
@@ -250,7 +254,7 @@ class ServerArgs:
             radix_cache_floor_pages=floors,
             cuda_graph_max_bs_decode=cuda_graph_bs, pool_mode=a.pool_mode,
             ffn_servers=a.ffn_servers, ffn_transport=a.ffn_transport,
-            ffn_device=a.ffn_device, devices=_devices(a.devices),
+            ffn_device=a.ffn_device, devices=_devices(a.devices), dp_size=a.dp_size,
             ffn_placement=plan, plan_path=a.plan, device_models=layout.models,
             device_kv_pages=layout.kv_pages, plan_device_index=layout.plan_index,
             pipeline_microbatches=a.pipeline_microbatches, pipeline_models=a.pipeline_models,
@@ -263,6 +267,29 @@ class ServerArgs:
             max_request_bytes=a.max_request_bytes, shutdown_timeout=a.shutdown_timeout,
             stream_interval=a.stream_interval, default_model=default, ipc_dir=ipc_dir,
             launch_argv=tuple(argv) if argv is not None else ())
+
+
+def _check_dp(a: argparse.Namespace) -> None:
+    """--dp-size N: N attention workers (one per device of --devices, cuda:0..N-1 by default
+    on CUDA), each serving every model."""
+    if a.dp_size < 1:
+        raise ServerArgsError(f"--dp-size: must be >= 1, got {a.dp_size}")
+    if a.dp_size == 1:
+        return
+    if a.plan:
+        raise ServerArgsError("--dp-size with --plan is not supported yet: a plan places "
+                              "each model on its devices itself")
+    devices = _devices(a.devices)
+    if not devices and a.device.startswith("cuda"):
+        devices = tuple(f"cuda:{i}" for i in range(a.dp_size))
+        a.devices = ",".join(devices)
+    if len(devices) != a.dp_size:
+        raise ServerArgsError(f"--dp-size {a.dp_size}: needs --devices with {a.dp_size} "
+                              f"entries (cpu,cpu,... on CPU), got {len(devices)}")
+    if a.pool_mode == "crosspool" and a.ffn_transport not in ("shm", "cuda-ipc"):
+        raise ServerArgsError(f"--dp-size {a.dp_size} with crosspool: the replicas share the "
+                              "FFN servers over --ffn-transport shm or cuda-ipc, not "
+                              f"{a.ffn_transport!r}")
 
 
 def _tp_flags(a: argparse.Namespace, layout) -> int:
@@ -700,6 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the models' config.json and the GPUs' memory, as --plan would "
                         "(crosspool: KV-pool and weights-pool GPUs); cpu,cpu,... stand in for "
                         "devices on CPU, models placed by size. Default: one worker on --device")
+    g.add_argument("--dp-size", type=int, default=1, metavar="N",
+                   help="data-parallel attention: N attention workers, one per device of "
+                        "--devices (default cuda:0..N-1 on CUDA), each serving every model "
+                        "with its own KV pool; requests go to the least loaded. In crosspool "
+                        "they share one set of FFN servers (--ffn-transport shm or cuda-ipc), "
+                        "so every expert is held once")
     g.add_argument("--ffn-device", default=None, metavar="DEVICE",
                    help="crosspool: the device of the FFN servers, e.g. cuda:1 with attention "
                         "on cuda:0 (default: --device)")

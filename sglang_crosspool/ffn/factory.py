@@ -3,7 +3,8 @@
 - `static`, `monolithic`: every model's whole FFN in this process (next to attention).
 - `crosspool` + `local`: the weights pool's expert placement, as in-process FFN servers.
 - `crosspool` + `shm` / `cuda-ipc` / `dist` / `nccl`: FFN server processes (the attention side
-  loads no FFN bytes).
+  loads no FFN bytes). With data-parallel attention (`dp_size` > 1, shm or cuda-ipc), replica 0
+  starts them and the other replicas attach to the same servers.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ def make_ffn_executor(config: EngineConfig) -> FFNExecutor:
             max_tokens=max_tokens, hidden=max(m.spec.hidden_size for m in config.models),
             max_top_k=max(m.spec.top_k for m in config.models), dist_backend=config.dist_backend,
             slots=max(2, config.pipeline_microbatches), attention_device=config.device,
-            load_format=config.load_format)
+            load_format=config.load_format, replicas=config.dp_size,
+            link_dir=config.ffn_link_dir)
+        if config.dp_rank > 0:  # data-parallel attention: replica 0 started the servers
+            from sglang_crosspool.ffn.remote import AttachedFFNPool
+
+            return RemoteFFNExecutor(AttachedFFNPool(spec, config.dp_rank))
         if config.ffn_transport == "p2p":
             from sglang_crosspool.ffn.p2p_executor import P2PFFNExecutor
 

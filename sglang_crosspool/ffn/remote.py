@@ -8,11 +8,19 @@ with the shm transport it can start a dead server again (`restart_dead`).
 at least one chosen expert and sums their partial outputs. It loads and unloads models while
 serving (`begin_load`, `unload_model`): the servers read a new model's experts in a thread
 while they keep answering steps; a server restarted later loads the live set.
+
+Data-parallel attention (`--dp-size N`): replica 0 starts the FFN servers as above and tells
+each the links of replicas 1..N-1 (`replica_link`: a socket path and a shm segment or cuda-ipc
+layout, named from the server's folder, so every replica derives the same names on its own).
+Replicas 1..N-1 start no process: `AttachedFFNPool` binds their sockets, makes their data
+paths and waits for each server's Ready, and `RemoteFFNExecutor` runs on it unchanged. The
+experts exist once, in the servers' memory, whatever N is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
@@ -58,10 +66,32 @@ class PoolSpec:
     echo: dict | None = None  # benchmarks: servers hold no model, FFN(h) = h (name -> hidden)
     load_format: str = "auto"  # models/checkpoint.open_checkpoint
     step_timeout_s: float = 20.0  # p2p: bound of every device-side wait
+    replicas: int = 1  # data-parallel attention workers sharing these servers (shm, cuda-ipc)
+    link_dir: str | None = None  # replicas > 1: the folder their sockets live in
 
     @property
     def servers(self) -> int:
         return len(next(iter(self.placement.values())))
+
+
+def replica_link(spec: PoolSpec, replica: int, server: int) -> dict:
+    """Replica `replica`'s link to FFN server `server`: its control address (bound by the
+    replica) and its data path's layout (made by the replica), as FFNServerSpec.clients
+    holds them."""
+    if spec.transport not in ("shm", "cuda-ipc"):
+        raise ValueError(f"data-parallel attention shares FFN servers over shm or cuda-ipc, "
+                         f"not {spec.transport!r}")
+    tag = hashlib.sha1(spec.link_dir.encode()).hexdigest()[:10]
+    link = {"replica": replica,
+            "control_addr": f"ipc://{spec.link_dir}/ffn-r{replica}-s{server}.sock",
+            "shm": None, "ipc": None}
+    if spec.transport == "shm":
+        link["shm"] = vars(ShmLayout(f"cp{tag}-r{replica}-{server}", spec.slots,
+                                     spec.max_tokens, spec.hidden, spec.max_top_k, spec.dtype))
+    else:
+        link["ipc"] = vars(IpcLayout(spec.slots, spec.max_tokens, spec.hidden, spec.max_top_k,
+                                     spec.dtype))
+    return link
 
 
 class FFNServerPool:
@@ -117,7 +147,8 @@ class FFNServerPool:
                 dist={"backend": self._backend, "init_method": init_method,
                       "world_size": world} if self._dist else None,
                 p2p=dict(vars(p2p), shm=shm_arena and f"cp{self.uid}p") if p2p else None,
-                echo=spec.echo, load_format=spec.load_format)
+                echo=spec.echo, load_format=spec.load_format,
+                clients=tuple(replica_link(spec, r, i) for r in range(1, spec.replicas)))
             self.links.append(self._link(sock, i, shm, ipc))
             self._servers.append(server)
             self.procs.append(subprocess.Popen(
@@ -179,8 +210,9 @@ class FFNServerPool:
 
     def can_restart(self) -> bool:
         """Only shm servers come back alone: their segments outlive them, while the other
-        transports share a process group, CUDA mappings or a p2p arena with the dead one."""
-        return self.spec.transport == "shm"
+        transports share a process group, CUDA mappings or a p2p arena with the dead one.
+        Not with data-parallel replicas: they would have to attach again."""
+        return self.spec.transport == "shm" and self.spec.replicas == 1
 
     def restart_dead(self) -> list[int]:
         """Starts every FFN server that died again, each on a fresh control socket, and blocks
@@ -347,6 +379,9 @@ class RemoteFFNExecutor(FFNExecutor):
     def live_models_refused(self) -> str | None:
         if self.pool.spec.echo is not None:
             return "an echo pool (benchmarks) serves no model"
+        if self.pool.spec.replicas > 1:
+            return ("models cannot be loaded, unloaded or moved while serving with "
+                    "data-parallel attention (--dp-size > 1) yet")
         return None
 
     def begin_load(self, name, path, shares, dtype, load_format) -> FFNLoad:
@@ -456,3 +491,104 @@ def _owner_table(shares) -> torch.Tensor:
     for server, experts in enumerate(shares):
         owner[list(experts)] = server
     return owner
+
+
+class AttachedFFNPool:
+    """Replica `replica` (>= 1) of data-parallel attention: links to FFN servers that replica
+    0 started. Binds one control socket per server and makes its data path, says Attach, and
+    waits for Ready (cuda-ipc: handles both ways first). A server is alive while its process
+    is (by pid: it is not this process's child)."""
+
+    def __init__(self, spec: PoolSpec, replica: int):
+        self.spec, self.replica = spec, replica
+        self.ctx = zmq.Context()
+        self.links, self.ready, self._pids = [], [], {}
+        self._servers = []  # FFNServerSpec of each server: replica 0 keeps them
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        spec = self.spec
+        for i in range(spec.servers):
+            link = replica_link(spec, self.replica, i)
+            sock = self.ctx.socket(zmq.PAIR)
+            sock.bind(link["control_addr"])
+            alive = self._alive_check(i)
+            if spec.transport == "cuda-ipc":
+                self.links.append(CudaIpcLink(sock, i, alive, IpcLayout(**link["ipc"]),
+                                              spec.attention_device))
+            else:
+                self.links.append(ShmLink(sock, i, alive, ShmLayout(**link["shm"]),
+                                          spec.attention_device))
+        deadline = time.monotonic() + spec.start_timeout_s
+        for i, link in enumerate(self.links):
+            while not link.sock.poll(100, zmq.POLLOUT):  # until the server has connected
+                if time.monotonic() > deadline:
+                    raise FFNServerError(f"FFN server {i} of replica 0 did not connect to "
+                                         f"replica {self.replica} in {spec.start_timeout_s} s")
+            link.sock.send(m.encode(m.Attach(self.replica)))
+        for i, link in enumerate(self.links):
+            self.ready.append(self._await_ready(i, link, deadline))
+            self._pids[i] = self.ready[i].pid
+
+    def _await_ready(self, i: int, link, deadline: float) -> m.Ready:
+        while time.monotonic() < deadline:
+            if link.sock.poll(100):
+                msg = m.decode(link.sock.recv())
+                if isinstance(msg, m.IpcHandles):
+                    link.attach(msg.handles)
+                    continue
+                return msg
+        raise FFNServerError(f"FFN server {i} did not answer replica {self.replica} in "
+                             f"{self.spec.start_timeout_s} s")
+
+    def _alive_check(self, i: int):
+        def check() -> str | None:
+            pid = self._pids.get(i)
+            return None if pid is None or _running(pid) else f"(pid {pid}) exited"
+
+        return check
+
+    def failure(self) -> str | None:
+        for i, link in enumerate(self.links):
+            death = link.alive()
+            if death:
+                return f"FFN server {i} {death}"
+        return None
+
+    def can_restart(self) -> bool:
+        return False
+
+    def restart_dead(self) -> list[int]:
+        raise FFNServerError("a data-parallel replica cannot restart FFN servers")
+
+    def set_model(self, name: str, path: str | None, shares=None) -> None:
+        raise FFNServerError("a data-parallel replica does not change the FFN servers' models")
+
+    def set_bytes(self, server: int, ffn_bytes: int) -> None:
+        self.ready[server] = dataclasses.replace(self.ready[server], ffn_bytes=ffn_bytes)
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+            link.sock.close(linger=0)
+        self.links = []
+        self.ctx.term()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True

@@ -14,6 +14,13 @@ served meanwhile; once the share is loaded it joins the served set and `Loaded` 
 experts (/rebalance), a `LoadModel` with `stage` keeps the new share aside while the old one
 serves, and `Swap` puts it in place between two steps.
 
+Data-parallel attention (`--dp-size`): several attention workers, one per KV-pool device,
+share this server's experts. The worker that started it is link 0 (steps, model loads,
+shutdown); each other replica has a `clients` entry: a control socket it binds and a data path
+of its own (shm segment or cuda-ipc buffers). It says `Attach` when its side is ready and gets
+`Ready` back; from then on its `Forward` messages are served from the same weights, each
+answered on the socket it came from.
+
     python -m sglang_crosspool.ffn.server '<json spec>'
 """
 
@@ -64,6 +71,8 @@ class FFNServerSpec:
     # weights, FFN(h) = h
     echo: dict | None = None
     load_format: str = "auto"
+    # data-parallel replicas: per replica, {"replica", "control_addr", "shm" | "ipc" layout}
+    clients: tuple = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -230,7 +239,14 @@ def serve(spec: FFNServerSpec) -> None:
         if isinstance(endpoint, FFNEnd):
             serve_steps(sock, endpoint, halves, spec.server_id)
         else:
-            _loop(sock, endpoint, ModelSet(spec, sock, endpoint, halves))
+            models = ModelSet(spec, sock, endpoint, halves)
+            replicas = [Replica(ctx, c, spec, endpoint.hidden_sizes, models)
+                        for c in spec.clients]
+            try:
+                _loop(sock, endpoint, models, replicas)
+            finally:
+                for r in replicas:
+                    r.close()
     finally:
         endpoint.close()
         sock.close(linger=0)
@@ -268,32 +284,84 @@ def _swap_handles(sock, endpoint: CudaIpcEndpoint) -> bool:
     return True
 
 
-def _loop(sock, endpoint, models: ModelSet) -> None:
+class Replica:
+    """Another attention worker's link to this server (data-parallel attention): its control
+    socket, connected here, and its data path, opened when it says Attach."""
+
+    def __init__(self, ctx, client: dict, spec: FFNServerSpec, hidden_sizes: dict,
+                 models: ModelSet):
+        self.client, self.spec, self.hidden_sizes, self.models = client, spec, hidden_sizes, models
+        self.sock = ctx.socket(zmq.PAIR)
+        self.sock.connect(client["control_addr"])
+        self.endpoint = None
+
+    def attach(self) -> None:
+        """Opens the replica's data path (its shm segment exists by now; cuda-ipc: handles
+        both ways) and says Ready."""
+        if self.client.get("ipc") is not None:
+            endpoint = CudaIpcEndpoint(IpcLayout(**self.client["ipc"]), self.spec.device,
+                                       self.hidden_sizes)
+            self.sock.send(m.encode(m.IpcHandles(endpoint.share())))
+            if not self.sock.poll(30_000):
+                raise RuntimeError(f"replica {self.client['replica']}: no cuda-ipc handles")
+            endpoint.attach(m.decode(self.sock.recv()).handles)
+        else:
+            endpoint = ShmEndpoint(ShmLayout(**self.client["shm"]), self.hidden_sizes,
+                                   self.spec.device)
+        self.endpoint = endpoint
+        self.sock.send(m.encode(m.Ready(self.spec.server_id, os.getpid(), self.models._bytes(),
+                                        (), self.spec.experts)))
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.sock.close(linger=0)
+
+
+def _loop(sock, endpoint, models: ModelSet, replicas: list[Replica] = ()) -> None:
     parent, halves = os.getppid(), models.halves
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    replica_of = {}
+    for r in replicas:
+        poller.register(r.sock, zmq.POLLIN)
+        replica_of[r.sock] = r
     with torch.inference_mode():
         while True:
             models.finish()
-            if not sock.poll(LOAD_POLL_MS if models.busy else 1000):
+            ready = dict(poller.poll(LOAD_POLL_MS if models.busy else 1000))
+            if not ready:
                 if os.getppid() != parent:
                     log.error("parent process %d is gone; exiting", parent)
                     return
                 continue
-            msg = m.decode(sock.recv())
-            if isinstance(msg, m.Shutdown):
-                return
-            if models.handle(msg):
-                continue
-            hidden, routing = endpoint.read(msg)
-            try:
-                out = halves[msg.model].forward(msg.layer, hidden, routing)
-            except Exception as e:  # report, keep serving other requests
-                log.exception("FFN forward failed")
-                sock.send(m.encode(m.Failed(msg.slot, f"{type(e).__name__}: {e}")))
-                continue
-            endpoint.write(msg, out)
-            sock.send(m.encode(m.Done(msg.slot)))
-            if isinstance(endpoint, DistEndpoint):
-                endpoint.send_output()
+            for s in ready:
+                msg = m.decode(s.recv())
+                replica = replica_of.get(s)
+                if replica is None:  # link 0: the worker that started this server
+                    if isinstance(msg, m.Shutdown):
+                        return
+                    if not models.handle(msg):
+                        _forward(s, endpoint, halves, msg)
+                elif isinstance(msg, m.Attach):
+                    replica.attach()
+                else:
+                    _forward(s, replica.endpoint, halves, msg)
+
+
+def _forward(sock, endpoint, halves: dict, msg: m.Forward) -> None:
+    """One layer of one micro-batch, answered on the socket it came from."""
+    hidden, routing = endpoint.read(msg)
+    try:
+        out = halves[msg.model].forward(msg.layer, hidden, routing)
+    except Exception as e:  # report, keep serving other requests
+        log.exception("FFN forward failed")
+        sock.send(m.encode(m.Failed(msg.slot, f"{type(e).__name__}: {e}")))
+        return
+    endpoint.write(msg, out)
+    sock.send(m.encode(m.Done(msg.slot)))
+    if isinstance(endpoint, DistEndpoint):
+        endpoint.send_output()
 
 
 def main() -> None:

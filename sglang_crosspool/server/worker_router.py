@@ -26,8 +26,11 @@ Models loaded while serving (`load_model`) go to the live worker holding the few
 bytes (then the fewest requests in flight), or, where that one has no room (507), to the next;
 `unload_model` goes to the worker serving the model.
 
-NOTE: FFN servers are per worker here: a model's experts live with the worker that serves the
-model, not in one weights pool shared by every worker.
+Data-parallel attention (`--dp-size N`, one worker per device of `--devices`): every worker
+serves every model, and each request goes to the least loaded live worker (fewest requests in
+flight); a dead replica leaves its models served by the others. In crosspool the replicas share
+one set of FFN servers (started by worker 0; ffn/remote.py), so the experts exist once.
+Without it, FFN servers are per worker: a model's experts live with the worker that serves it.
 """
 
 from __future__ import annotations
@@ -77,10 +80,11 @@ def place_models(config, devices: list[str]) -> list[list[str]]:
     return out
 
 
-def worker_config(config, device: str, names: list[str], kv_pages: int | None = None):
+def worker_config(config, device: str, names: list[str], kv_pages: int | None = None,
+                  dp_rank: int = 0):
     """`config` cut down to one attention worker: its device, its models and (from a plan)
-    its KV pages. FFN servers follow the worker's device unless the config puts them on a
-    device of their own."""
+    its KV pages; under data-parallel attention, its replica index. FFN servers follow the
+    worker's device unless the config puts them on a device of their own."""
     models = tuple(m for m in config.models if m.name in names)
     placement = config.ffn_placement
     if placement is not None:
@@ -90,7 +94,8 @@ def worker_config(config, device: str, names: list[str], kv_pages: int | None = 
                    if name in names)
     return dataclasses.replace(config, models=models, device=device, ffn_device=ffn_device,
                                ffn_placement=placement, radix_cache_floor_pages=floors,
-                               kv_pages=kv_pages if kv_pages is not None else config.kv_pages)
+                               kv_pages=kv_pages if kv_pages is not None else config.kv_pages,
+                               dp_rank=dp_rank)
 
 
 @dataclass
@@ -132,6 +137,8 @@ class WorkerRouterClient(EngineClient):
                  placement: list[list[str]] | None = None,
                  kv_pages: list[int] | None = None):
         self.config = config
+        if config.dp_size > 1:  # data-parallel attention: every model on every worker
+            placement = [list(config.model_names) for _ in devices]
         placement = placement or place_models(config, devices)
         kv_pages = list(kv_pages or [None] * len(devices))
         self.workers: list[_Worker] = []
@@ -140,13 +147,17 @@ class WorkerRouterClient(EngineClient):
             for i, (device, names, pages) in enumerate(zip(devices, placement, kv_pages)):
                 if not names:
                     continue
-                cfg = worker_config(config, device, names, pages)
+                cfg = worker_config(config, device, names, pages,
+                                    i if config.dp_size > 1 else 0)
                 self.workers.append(_Worker(i, device, list(names), cls(_WorkerArgs(args, i),
                                                                         cfg)))
         except BaseException:
             self.close()
             raise
-        self.owner = {name: w for w in self.workers for name in w.models}
+        self.owners: dict[str, list[_Worker]] = {}  # model -> the workers serving it
+        for w in self.workers:
+            for name in w.models:
+                self.owners.setdefault(name, []).append(w)
         self._adds: dict[str, _PendingAdd] = {}  # first rid of a batch -> its pending answer
         self._controls: dict[int, list] = {}  # cid -> results so far
         # cid -> (the request, model, the worker asked, the workers left to ask after it)
@@ -205,7 +216,7 @@ class WorkerRouterClient(EngineClient):
         name = msg.args.get("served_model_name")
         live = [w for w in self.workers if w.dead is None]
         if msg.kind == "load_model":
-            if name in self.owner or any(n == name for _, n, _, _ in self._model_ops.values()):
+            if name in self.owners or any(n == name for _, n, _, _ in self._model_ops.values()):
                 self._deliver(ControlResult(msg.cid, {
                     "error": f"served_model_name: {name!r} is already served or loading",
                     "status": 400}))
@@ -213,7 +224,7 @@ class WorkerRouterClient(EngineClient):
             order = sorted(live, key=lambda w: (_weight_bytes(w.stats), len(w.rids), w.index))
             worker, rest = (order[0], order[1:]) if order else (None, [])
         else:
-            worker, rest = self.owner.get(name), []
+            worker, rest = (self.owners.get(name) or [None])[0], []
         if worker is None or worker.dead is not None:
             if worker is not None:
                 why, status = worker.dead, 503
@@ -230,13 +241,17 @@ class WorkerRouterClient(EngineClient):
         rids = [r.rid for r in msg.requests]
         groups: dict[int, list] = {}
         for req in msg.requests:
-            w = self.owner.get(req.model)
-            if w is None:  # unknown model: the first worker's validation names it
-                w = self.workers[0]
-            if w.dead is not None:
+            # unknown model: the first worker's validation names it
+            serving = self.owners.get(req.model) or [self.workers[0]]
+            live = [w for w in serving if w.dead is None]
+            if not live:
+                for x in self.workers:
+                    x.rids.difference_update(rids)
                 self._deliver(AddResults(rids, f"the engine cannot take requests for model "
-                                               f"{req.model!r}: {w.dead}", 503))
+                                               f"{req.model!r}: {serving[0].dead}", 503))
                 return
+            w = min(live, key=lambda x: (len(x.rids), x.index))  # least loaded replica
+            w.rids.add(req.rid)  # counted now, so a batch spreads over the replicas
             groups.setdefault(w.index, []).append(req)
         pending = self._adds[rids[0]] = _PendingAdd(rids, len(groups))
         for index, reqs in groups.items():
@@ -271,10 +286,10 @@ class WorkerRouterClient(EngineClient):
                 return
             if "error" not in msg.result:
                 if request.kind == "load_model":
-                    self.owner[name] = worker
+                    self.owners[name] = [worker]
                     worker.models.append(name)
                 else:
-                    self.owner.pop(name, None)
+                    self.owners.pop(name, None)
                     worker.models.remove(name)
             self._deliver(msg)
         elif isinstance(msg, ControlResult):
@@ -382,6 +397,9 @@ class WorkerRouterClient(EngineClient):
         merged["workers"] = [
             {"index": w.index, "device": w.device, "models": w.models, "dead": w.dead,
              "pid": getattr(getattr(w.client, "ready", None), "pid", None),
+             "in_flight": len(w.rids),
+             # per model: running, waiting, preemptions (the worker's scheduler)
+             "scheduler": s.get("scheduler", {}),
              "kv": {k: s.get("kv", {}).get(k) for k in
                     ("used_pages", "total_pages", "page_bytes", "used_bytes", "total_bytes")},
              "attention_bytes": s.get("attention_bytes", 0),
