@@ -359,6 +359,33 @@ def _apply_plan(a: argparse.Namespace) -> tuple[tuple | None, PlanLayout]:
         layout
 
 
+def _tp_layout(a: argparse.Namespace, mode, devices: list[str]) -> PlanLayout:
+    """A plan that spreads every model over all its devices (`--monolithic-layout tp`): one
+    attention worker, tensor parallel over those devices (--tp-size = their number), each
+    rank's KV pool the plan's per-device pages."""
+    n = len(devices)
+    spread = [row for row in mode.models if row.fits]
+    if any(len(row.devices) != n for row in spread):
+        raise ServerArgsError(f"--plan: {a.pool_mode} spreads some models over several devices "
+                              f"and not others; the server runs one tensor-parallel group over "
+                              f"all {n} (plan with `--monolithic-layout tp` or `packed`)")
+    base = devices[0]
+    expected = devices if set(devices) == {"cpu"} else _next_gpus(base, n)  # CPU stand-ins
+    if devices != expected:
+        raise ServerArgsError(f"--plan: tensor parallelism runs on {base} and the next GPUs "
+                              f"({','.join(expected)}), not {','.join(devices)}")
+    if a.tp_size not in (1, n):
+        raise ServerArgsError(f"--tp-size {a.tp_size}: the plan spreads every model over {n} "
+                              f"devices")
+    a.tp_size, a.device, a.devices = n, base, None  # KV pages: the plan's (per device)
+    return PlanLayout()
+
+
+def _next_gpus(base: str, n: int) -> list[str]:
+    index = int(base.split(":")[1]) if ":" in base else 0
+    return [f"cuda:{index + i}" for i in range(n)]
+
+
 def _floor_flags(specs: list[str] | None) -> tuple[tuple[str, int], ...]:
     floors = {}
     for spec in specs or []:
@@ -423,12 +450,8 @@ def _plan_layout(a: argparse.Namespace, plan, mode) -> PlanLayout:
         kv = mode.kv_devices[0]
         a.devices = devices[kv]
         return PlanLayout((tuple(mode.served),), (int(mode.devices[kv].kv_pages),), (kv,))
-    for row in mode.models:
-        if row.fits and len(row.devices) != 1:
-            raise ServerArgsError(
-                f"--plan: {a.pool_mode} puts model {row.name!r} over {len(row.devices)} devices "
-                "(tensor parallel), which this server cannot run yet; plan it with "
-                "`--monolithic-layout packed` or on larger devices")
+    if any(row.fits and len(row.devices) > 1 for row in mode.models):
+        return _tp_layout(a, mode, devices)
     used = [d for d in mode.devices if d.holds]
     a.devices = ",".join(devices[d.index] for d in used)
     return PlanLayout(tuple(tuple(d.holds) for d in used),

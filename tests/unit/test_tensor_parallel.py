@@ -116,3 +116,23 @@ def test_shard_reads_only_its_part(tiny_models):
         whole = files.get(key, shape)
         part = files.get(key, shape, part=(1, 16, 48))
         assert torch.equal(part, whole[:, 16:48])
+
+
+def test_a_tp_plan_launches_one_tensor_parallel_worker(tiny_models, tmp_path):
+    """`plan --monolithic-layout tp` spreads every model over both devices: the launcher runs
+    one worker at --tp-size 2 over them (CPU processes standing in for the GPUs)."""
+    import subprocess
+    import sys
+
+    from sglang_crosspool.server_args import ServerArgs
+
+    out = tmp_path / "plan.json"
+    subprocess.run([sys.executable, "-m", "sglang_crosspool.plan", "--model-path",
+                    tiny_models["qwen3_moe"], "--served-model-name", "a", "--devices", "2",
+                    "--device-memory", "64MB", "--kv-page-bytes", "4096",
+                    "--monolithic-layout", "tp", "--out", str(out)],
+                   check=True, capture_output=True)
+    args = ServerArgs.from_cli(["--plan", str(out), "--pool-mode", "monolithic", "--devices",
+                                "cpu,cpu"])
+    assert (args.tp_size, args.device, args.devices) == (2, "cpu", ())
+    assert args.engine_config().tp_size == 2
