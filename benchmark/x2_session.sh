@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Two H200s on NVLink (device kind nvidia-h200-x2): data-parallel attention sharing one weights
+# pool (issue 11), tensor / expert parallelism (issue 21), attention sequence split (issue 16).
+# Run from the repository root on the GPU machine, the server's wheels in $WHL:
+#
+#   OUT=/tmp/out STAGE=a WHL=.whl bash benchmark/x2_session.sh   # dp + tp
+#   OUT=/tmp/out STAGE=b WHL=.whl bash benchmark/x2_session.sh   # seq split
+#
+# Each step has its own time limit; everything lands in $OUT, packed into $OUT/all.tgz too.
+set -uo pipefail
+: "${OUT:?}" "${STAGE:=a}" "${WHL:=.whl}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$WHL"/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/scheduler:$PWD/kernels PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name"; local t=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t)) s"; tail -n 12 "$OUT/$name.log" | cut -c1-600
+}
+if [ "$STAGE" = a ]; then
+  step dp "${DP_LIMIT:-200}" python3 benchmark/dp_gpu_run.py --out "$OUT/dp.json" \
+    --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 --max-tokens 64 ${DP_ARGS:-}
+  step tp "${TP_LIMIT:-240}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp.json" ${TP_ARGS:-}
+else
+  step seq "${SEQ_LIMIT:-400}" python3 benchmark/seq_split_gpu_bench.py --out "$OUT/seq-split.json" \
+    ${SEQ_ARGS:-}
+fi
+(cd "$OUT" && tar czf /tmp/all.tgz --exclude=all.tgz . && mv /tmp/all.tgz all.tgz)
