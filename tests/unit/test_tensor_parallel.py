@@ -136,3 +136,15 @@ def test_a_tp_plan_launches_one_tensor_parallel_worker(tiny_models, tmp_path):
                                 "cpu,cpu"])
     assert (args.tp_size, args.device, args.devices) == (2, "cpu", ())
     assert args.engine_config().tp_size == 2
+
+
+def test_fused_expert_layout_and_dummy_weights(tiny_models, tmp_path, reference):
+    """TP 2 reads its rows of fused expert tensors ([E, 2I, H] gate then up), and random
+    `dummy` shards make the same model as dummy weights at TP 1."""
+    fused = str(make_model(tmp_path / "fused", "qwen3_moe", seed=1, expert_layout="fused"))
+    tokens, _ = _generate([fused], tp_size=2)
+    assert tokens == {k: v for k, v in reference.items() if k[1] == "qwen3_moe"}
+    path = [tiny_models["mixtral"]]
+    want, _ = _generate(path, load_format="dummy")
+    got, _ = _generate(path, load_format="dummy", tp_size=2, ep_size=2)
+    assert got == want
