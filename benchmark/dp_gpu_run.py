@@ -111,7 +111,10 @@ def main() -> None:
         models = {name.lower(): str(make_config_only(root / name, CONFIGS / name,
                                                      num_hidden_layers=a.layers))
                   for name in a.shapes.split(",")}
-        devices, extra = ["cuda:0", "cuda:1"], ["--load-format", "dummy"]
+        # KV budget: 0.8 of a GPU less every model's weights (so the FFN server's experts on
+        # device 1 fit beside worker 1's KV there)
+        devices = ["cuda:0", "cuda:1"]
+        extra = ["--load-format", "dummy", "--mem-fraction-static", "0.8"]
     else:
         models = {arch: str(make_model(root / arch, arch, seed=i))
                   for i, arch in enumerate(("qwen3_moe", "olmoe"))}
