@@ -267,8 +267,7 @@ def _attention_split(kind: str, size: int, entries: list[ModelEntry], pool_mode:
         return {"attention_split": "head", "attention_split_size": size, "tp_size": size}
     refused = [(tp_size > 1, ("tp_size > 1 (the split's ranks divide the experts already; "
                               "attention stays whole on each)")),
-               (pool_mode != "monolithic", (f"pool_mode {pool_mode!r} (monolithic only: FFN "
-                                            "servers and per-rank quotas are not wired)")),
+               (pool_mode == "static", "pool_mode 'static' (per-rank quotas are not wired)"),
                (pipeline_models, "pipeline_models"),
                (microbatches > 1, "pipeline_microbatches > 1")]
     for hit, what in refused:

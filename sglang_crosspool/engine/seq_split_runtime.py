@@ -3,18 +3,20 @@
 The lockstep runtime of tensor parallelism (engine/tensor_parallel.py) with other parts:
 
     rank 0: SeqSplitEngineCore (scheduler, sampling)      ranks 1..N-1: SeqSplitFollower
-    - attention whole on every rank (its weights are small: what grows is the KV); the FFN
-      divided over the ranks as expert parallelism (experts by expert, dense and shared MLPs
-      by intermediate rows, one all-reduce per layer), or whole on every rank where the
-      model's shapes cannot be cut so (`ffn_shard`)
+    - attention whole on every rank (its weights are small: what grows is the KV)
+    - the FFN: monolithic pool mode: divided over the ranks as expert parallelism (experts by
+      expert, dense and shared MLPs by intermediate rows, one all-reduce per layer), or whole
+      on every rank where the model's shapes cannot be cut so (`ffn_shard`); crosspool: in
+      the weights pool's FFN servers, reached by rank 0's executor, its output broadcast to
+      the other ranks each layer (`SplitFFN`): the KV-pool GPUs hold attention and KV only
     - KV: a SplitKVPool on every rank, each rank's pages in its own pool (memory/kv_split.py);
       rank 0's scheduler places blocks, the step message carries its journal, followers replay
     - attention: seq_split.wrap (engine/seq_split.py): partials over local pages, one
       all_gather per layer, merged by log-sum-exp; everything after it is identical per rank
 
 Ranks are `attention_split_size` processes (GPUs device..device+N-1 on CUDA). Not supported
-(refused in EngineConfig.build): tensor parallelism inside the split, the static and crosspool
-pool modes, micro-batch pipelining; CUDA graphs are not captured (eager steps).
+(refused in EngineConfig.build): tensor parallelism inside the split, the static pool mode,
+micro-batch pipelining; CUDA graphs are not captured (eager steps).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sglang_crosspool.config import EngineConfig
 from sglang_crosspool.distributed.group import Group, SingleGroup, init_group
 from sglang_crosspool.distributed.spawn import start_ranks, tcp_init_method
 from sglang_crosspool.engine import seq_split
+from sglang_crosspool.engine.core import load_attention
 from sglang_crosspool.engine.tensor_parallel import (
     CONTROL_TIMEOUT_S,
     TIMEOUT_S,
@@ -40,6 +43,8 @@ from sglang_crosspool.engine.tensor_parallel import (
     make_runner,
     rank_device,
 )
+from sglang_crosspool.ffn.executor import FFNExecutor
+from sglang_crosspool.ffn.factory import make_ffn_executor
 from sglang_crosspool.memory.device_memory import DeviceMemory
 from sglang_crosspool.memory.kv_split import SplitKVPool
 from sglang_crosspool.models.checkpoint import open_checkpoint
@@ -90,6 +95,46 @@ def _split_runner(config: EngineConfig, entry, attention, pool: SplitKVPool, ffn
     return runner
 
 
+class SplitFFN(FFNExecutor):
+    """The crosspool FFN under a sequence split. Every rank computes the same hidden states;
+    rank 0 (`inner`: the crosspool executor) crosses to the FFN servers, and the output is
+    broadcast from it to the other ranks (`inner` None there), in the order the layers run."""
+
+    def __init__(self, inner: FFNExecutor | None, group: Group):
+        self.inner = inner
+        self.group = group
+
+    def submit(self, model, layer, hidden, routing):
+        handle = self.inner.submit(model, layer, hidden, routing) if self.inner else None
+        return handle, hidden
+
+    def wait(self, handle):
+        inner, hidden = handle
+        out = self.inner.wait(inner) if self.inner else torch.empty_like(hidden)
+        return self.group.broadcast(out.contiguous(), src=0)
+
+    def begin_step(self, plan, graph: bool = False) -> None:
+        if self.inner:
+            self.inner.begin_step(plan, graph)
+
+    def end_step(self) -> None:
+        if self.inner:
+            self.inner.end_step()
+
+    def close(self) -> None:
+        if self.inner:
+            self.inner.close()
+
+    def failure(self) -> str | None:
+        return self.inner.failure() if self.inner else None
+
+    def local_bytes(self) -> int:
+        return self.inner.local_bytes() if self.inner else 0
+
+    def server_bytes(self) -> list[int]:
+        return self.inner.server_bytes() if self.inner else []
+
+
 class SeqSplitEngineCore(TPEngineCore):
     """Rank 0 of a sequence split (module docstring)."""
 
@@ -102,12 +147,20 @@ class SeqSplitEngineCore(TPEngineCore):
                           control_timeout_s=CONTROL_TIMEOUT_S)
 
     def _init_models(self, ffn) -> None:
+        cfg = self.config
         self.attention, halves, self.tokenizers = {}, {}, {}
-        for entry in self.config.models:
-            self.attention[entry.name], halves[entry.name] = load_parts(
-                self.config, entry, self.group, self.device)
+        for entry in cfg.models:
+            if cfg.pool_mode == "crosspool":  # the experts live in the weights pool
+                self.attention[entry.name] = load_attention(entry, cfg.load_format,
+                                                            self.device, cfg.torch_dtype)
+            else:
+                self.attention[entry.name], halves[entry.name] = load_parts(
+                    cfg, entry, self.group, self.device)
             self.tokenizers[entry.name] = load_tokenizer(entry.path)
-        self.ffn = ffn or TPFFNExecutor(halves, self.device)
+        if ffn is None:
+            ffn = SplitFFN(make_ffn_executor(cfg), self.group) if cfg.pool_mode == "crosspool" \
+                else TPFFNExecutor(halves, self.device)
+        self.ffn = ffn
         self.unavailable = None
 
     def _init_kv_pool(self) -> None:
@@ -128,8 +181,8 @@ class SeqSplitEngineCore(TPEngineCore):
         each model's FFN is divided."""
         return {"attention_split": "seq", "ranks": self.group.world_size,
                 "kv_pages_per_rank": self.kv_pool.stats()["ranks"],
-                "ffn_expert_parallel": {name: parts[0].shard.sharded
-                                        for name, parts in self.ffn.halves.items()}}
+                "ffn_expert_parallel": {name: parts[0].shard.sharded for name, parts in
+                                        getattr(self.ffn, "halves", {}).items()}}
 
 
 class SeqSplitFollower(TPFollower):
@@ -142,9 +195,14 @@ class SeqSplitFollower(TPFollower):
         self.device = rank_device(config, group.rank)
         self.attention, halves = {}, {}
         for entry in config.models:
-            self.attention[entry.name], halves[entry.name] = load_parts(config, entry, group,
-                                                                        self.device)
-        self.ffn = TPFFNExecutor(halves, self.device)
+            if config.pool_mode == "crosspool":
+                self.attention[entry.name] = load_attention(entry, config.load_format,
+                                                            self.device, config.torch_dtype)
+            else:
+                self.attention[entry.name], halves[entry.name] = load_parts(
+                    config, entry, group, self.device)
+        self.ffn = SplitFFN(None, group) if config.pool_mode == "crosspool" else \
+            TPFFNExecutor(halves, self.device)
         self.kv_pool = _split_pool(config, self.device, group)
         for entry in config.models:
             add_kv(self.kv_pool, config, entry, self.attention[entry.name])

@@ -81,6 +81,20 @@ def test_launcher_flags_reach_the_engine_config(models):
     head = ServerArgs.from_cli(["--model", f"q={models['qwen3_moe']}", "--attention-split",
                                 "head", "--attention-split-size", "2"]).engine_config()
     assert (head.attention_split, head.tp_size) == ("head", 2)
-    with pytest.raises(ValueError, match="pool_mode 'crosspool'"):
-        Engine(models["qwen3_moe"], pool_mode="crosspool", attention_split="seq",
+    with pytest.raises(ValueError, match="pool_mode 'static'"):
+        Engine(models["qwen3_moe"], pool_mode="static", attention_split="seq",
                attention_split_size=2)
+
+
+@pytest.mark.parametrize("transport", ["local", "shm"])
+def test_sequence_split_with_the_weights_pool(models, transport):
+    # Crosspool: the experts in the FFN servers, reached by rank 0, whose output every rank
+    # gets by broadcast; the KV-pool ranks hold attention and their share of the KV only.
+    path = models["deepseek_v2"]
+    want, _ = _tokens(path)
+    got, stats = _tokens(path, pool_mode="crosspool", ffn_transport=transport,
+                         attention_split="seq", attention_split_size=2)
+    assert got == want
+    assert stats["ffn_bytes_here"] == (stats["ffn_bytes_per_server"][0]
+                                       if transport == "local" else 0)
+    assert all(r["used_pages"] for r in stats["parallel"]["kv_pages_per_rank"])
