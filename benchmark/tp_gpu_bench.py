@@ -17,9 +17,12 @@ CPU), spawned by this script:
 Every rank builds its own shard from config.json (random bf16 weights, `load_format dummy`,
 made on its GPU) with the engine's own code (engine/tensor_parallel.py: load_shard,
 make_kv_pool, make_runner), fills B sequences of --ctx tokens of KV with random values in its
-own pool (the same blocks on every rank) and runs the decode step in lockstep, eagerly (the
-engine captures no CUDA graphs under TP yet; TP 1 runs eagerly too, for a like-for-like
-comparison). Reported per mode and batch, from rank 0's CUDA events:
+own pool (the same blocks on every rank) and runs the decode step in lockstep, eagerly. A mode
+written `NAME+graph` (e.g. tp2+graph) instead captures the step as a CUDA graph on every rank
+(engine/cuda_graph.DecodeGraphs, the NCCL all-reduces inside the graph) and replays it: the
+engine does not capture graphs under TP yet, and this is the measurement that says whether it
+should (and that capture works). The graph modes run after every eager mode, so that a failed
+capture loses nothing else. Reported per mode and batch, from rank 0's CUDA events:
 - `step_ms`: one decode step of the model (ms per output token of each sequence);
 - `all_reduce_us`: one all-reduce of the step's [B, hidden] hidden states, alone;
   `all_reduce_ms_per_step` = 2 x layers x that;
@@ -53,15 +56,18 @@ os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                   NVSHMEM_DISABLE_NVLS="1")
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "tests/data/model-configs/Qwen3-30B-A3B")
-MODES = {"tp1": (1, 1), "tp2": (2, 1), "ep2": (2, 2)}  # name -> (tp_size, ep_size) at 2 ranks
+DEFAULT_MODES = "tp1,tp2,ep2,tp1+graph,tp2+graph,ep2+graph"
 
 
-def mode_sizes(name: str, ranks: int) -> tuple[int, int]:
-    """tpN / epN for any N; tp2 and ep2 follow --ranks."""
-    kind, n = name[:2], int(name[2:] or ranks)
-    if kind not in ("tp", "ep") or n < 1:
-        raise SystemExit(f"--modes: {name!r} is not tpN or epN")
-    return (n, 1) if kind == "tp" else (n, n)
+def mode_sizes(name: str, ranks: int) -> tuple[int, int, bool]:
+    """tpN / epN (+graph) -> (tp_size, ep_size, graph); a bare tp / ep takes --ranks."""
+    base, _, suffix = name.partition("+")
+    kind, digits = base[:2], base[2:]
+    if kind not in ("tp", "ep") or suffix not in ("", "graph") or \
+            (digits and not digits.isdigit()) or int(digits or ranks) < 1:
+        raise SystemExit(f"--modes: {name!r} is not tpN or epN, optionally with +graph")
+    n = int(digits or ranks)
+    return (n, 1, bool(suffix)) if kind == "tp" else (n, n, bool(suffix))
 
 
 # -- one rank (a spawned process) -------------------------------------------------------------
@@ -132,6 +138,7 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
     """One batch size on this rank: B sequences of ctx tokens of random KV, then the timings."""
     import torch
 
+    from sglang_crosspool.engine.cuda_graph import DecodeGraphs
     from sglang_crosspool.engine.forward_batch import ForwardBatch, StepLists
 
     entry = config.models[0]
@@ -160,8 +167,18 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
             q_starts=list(range(batch)), q_lens=[1] * batch, ctx_lens=[ctx] * batch,
             tables=blocks)
         rows_t = torch.arange(batch, device=device)
+        graphs = None
+        if args["graph"]:
+            if not runner.backend.supports_graphs:
+                return {"skipped": f"{type(runner.backend).__name__} has no graph support"}
+            # Every rank captures the same bucket at the same time (warm-up runs all-reduce).
+            group.barrier()
+            graphs = DecodeGraphs(runner, pool, [batch], max(len(t) for t in blocks),
+                                  capture=on_cuda, pool=None)
 
         def step():
+            if graphs is not None:
+                return graphs.run(lists, list(range(batch)))
             fb = ForwardBatch.from_lists(lists, bt, device)
             if group.rank == 0:
                 return runner.forward(fb, rows_t)  # logits on rank 0 only, as in the engine
@@ -183,6 +200,10 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
     finally:
         for seq in blocks:
             pool.free_blocks(name, seq)
+    if graphs is not None:
+        del graphs
+        if on_cuda:
+            torch.cuda.empty_cache()
     return {"step_ms": round(step_ms, 4), "finite": finite, "all_reduce_us": round(ar_us, 2),
             "all_reduce_ms_per_step": round(2 * spec.num_layers * ar_us / 1e3, 4),
             "control_us": round(ctl_us, 2)}
@@ -232,7 +253,8 @@ def _config(path: str, args, tp: int, ep: int):
         context_length=args.ctx + 64, max_running_requests=max(args.batches),
         kv_budget_bytes=int(float(8 if args.kv_gib == "auto" else args.kv_gib) * 2**30),
         disable_cuda_graph=True,
-        moe_small_batch=args.moe_small_batch, tp_size=tp, ep_size=ep)
+        moe_small_batch=args.moe_small_batch, attention_backend=args.attention_backend,
+        tp_size=tp, ep_size=ep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-config", default=DEFAULT_CONFIG,
                    help="a folder with a real config.json (weights are random)")
     p.add_argument("--layers", type=int, default=8, help="decoder layers kept (depth cut)")
-    p.add_argument("--modes", default="tp1,tp2,ep2", help="comma list of tpN / epN")
+    p.add_argument("--modes", default=DEFAULT_MODES,
+                   help="comma list of tpN / epN, each optionally +graph (a bare tp / ep: "
+                        "--ranks ranks)")
     p.add_argument("--ranks", type=int, default=2, help="ranks of tp2 / ep2 written as tp / ep")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--ctx", type=int, default=1024, help="tokens of KV per sequence")
@@ -256,16 +280,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="the engine's small-batch MoE path (off: the fused-MoE GEMM at "
                         "every batch, the path tested under TP)")
     p.add_argument("--tiny-arch", default="qwen3_moe", help="CPU: the tiny checkpoint's arch")
+    p.add_argument("--attention-backend", default="auto",
+                   help="the engine's --attention-backend (CPU: triton under TRITON_INTERPRET=1 "
+                        "runs the +graph modes' static path, without capture)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     modes = [(m, *mode_sizes(m, args.ranks)) for m in args.modes.split(",")]
+    modes.sort(key=lambda m: m[3])  # eager modes first: a failed capture cannot cost them
 
     import torch
 
     from sglang_crosspool.distributed.spawn import run_ranks
 
     if args.device == "cuda":
-        need = max(tp for _, tp, _ in modes)
+        need = max(m[1] for m in modes)
         if not torch.cuda.is_available() or torch.cuda.device_count() < need:
             raise SystemExit(f"needs {need} CUDA GPUs, found "
                              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
@@ -279,16 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as root:
         path = _model_dir(args, Path(root))
-        for name, tp, ep in modes:
-            print(f"mode {name}: tp_size {tp}, ep_size {ep}", flush=True)
+        for name, tp, ep, graph in modes:
+            print(f"mode {name}: tp_size {tp}, ep_size {ep}, graphs {graph}", flush=True)
             t0 = time.perf_counter()
             try:
                 config = _config(path, args, tp, ep)
                 ranks = run_ranks(_rank, tp, args=(config, {
                     "batches": args.batches, "ctx": args.ctx, "iters": args.iters,
-                    "warmup": args.warmup, "kv_gib": args.kv_gib,
+                    "warmup": args.warmup, "kv_gib": args.kv_gib, "graph": graph,
                     "margin_gib": args.margin_gib}), timeout_s=1800)
-                report["modes"][name] = {"tp_size": tp, "ep_size": ep, "per_rank": ranks,
+                report["modes"][name] = {"tp_size": tp, "ep_size": ep, "graph": graph,
+                                         "per_rank": ranks,
                                          "wall_s": round(time.perf_counter() - t0, 1)}
             except Exception as e:  # noqa: BLE001 - reported, the next mode still runs
                 traceback.print_exc()
