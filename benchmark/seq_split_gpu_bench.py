@@ -20,9 +20,12 @@ For each mode:
 2. decode: one request at each context (--ctxs, default 32k and 128k) filled with random
    latents straight into each rank's own blocks, then the decode step of the whole model
    (eager, as under the split: no CUDA graphs in either mode), ms per token;
-3. serve (--serve-longest, on by default): Engine.generate of one request at the longest
-   length the mode holds (prompt = that - 4 tokens, 4 greedy new tokens), through the runtime
-   (followers spawned by the engine), with its wall time. Prefill runs the torch path.
+3. serve (on unless --no-serve-longest): Engine.generate of one request at the longest length
+   the mode holds (prompt = that - 4 tokens, 4 greedy new tokens), through the runtime
+   (followers spawned by the engine), with its wall time; prefill runs the torch path. The KV
+   pool per GPU is --serve-budget-gb here (default 4 GB: 114,688 tokens on one GPU, under a
+   128k request, where two GPUs reach the model's 163,840), so the capacity the split adds is
+   served for real rather than computed; 0 keeps the measured pool.
 The JSON is rewritten after every section, so a run stopped midway keeps what it measured.
 On CPU (--device cpu) everything runs at a tiny shape (Triton interpreter), to check the
 script itself; its times mean nothing.
@@ -67,6 +70,9 @@ def _parse(argv):
     p.add_argument("--modes", default="single,seq", help="which modes to run, in order")
     p.add_argument("--no-serve-longest", dest="serve_longest", action="store_false",
                    help="skip serving one request at the longest length")
+    p.add_argument("--serve-budget-gb", type=float, default=None,
+                   help="KV pool per GPU when serving the longest request (default 4 on CUDA; "
+                        "0: the measured pool)")
     p.add_argument("--chunked-prefill-size", type=int, default=8192)
     p.add_argument("--timeout-s", type=float, default=540.0,
                    help="per mode's measuring processes (they are killed after it)")
@@ -263,13 +269,15 @@ def serve_longest(cfg: dict, mode: str, measured: dict) -> dict:
     from sglang_crosspool import Engine
 
     per_rank = measured["per_rank"][0]
-    longest = measured["longest_request_tokens"]
-    # Whole blocks for prompt + new tokens; the context length bounds prompt + new tokens.
-    total = min(longest, cfg["max_positions"] - 1)
-    prompt_len = total - NEW_TOKENS
     ranks = measured["ranks"]
+    budget = cfg["serve_budget_bytes"] or per_rank["kv_budget_bytes_per_rank"]
+    blocks = budget // cfg["page_bytes"] // cfg["layers"]  # a block: one page per layer
+    pool_tokens = ranks * blocks * per_rank["block_tokens"]
+    # The context length bounds prompt + new tokens (positions 0 .. max_positions - 1).
+    total = min(pool_tokens, cfg["max_positions"] - 1)
+    prompt_len = total - NEW_TOKENS
     engine = Engine(cfg["path"], device=_device(cfg, 0),
-                    **_engine_options(cfg, mode, ranks, per_rank["kv_budget_bytes_per_rank"]))
+                    **_engine_options(cfg, mode, ranks, budget))
     try:
         vocab = min(engine.core.config.models[0].spec.vocab_size, 1024)
         prompt = [(31 * i + 7) % vocab for i in range(prompt_len)]
@@ -278,7 +286,8 @@ def serve_longest(cfg: dict, mode: str, measured: dict) -> dict:
             "max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True})
         wall = time.perf_counter() - t
         stats = engine.stats()
-        return {"prompt_tokens": prompt_len, "new_tokens": len(res["output_ids"]),
+        return {"kv_budget_bytes_per_rank": budget, "pool_tokens": pool_tokens,
+                "prompt_tokens": prompt_len, "new_tokens": len(res["output_ids"]),
                 "wall_s": round(wall, 1), "finish": res.get("meta_info", {}).get("finish_reason"),
                 "kv_pages_per_rank": stats.get("parallel", {}).get("kv_pages_per_rank")}
     finally:
@@ -340,13 +349,16 @@ def _config(args, path: str) -> dict:
     if args.device == "cpu":
         page = 8 * latent_bytes  # 8 tokens a block: a request spans many blocks
     budget = None if args.kv_budget_gb is None else int(args.kv_budget_gb * 1e9)
+    serve = args.serve_budget_gb
+    serve = int((4.0 if serve is None else serve) * 1e9) if args.device == "cuda" else 0
     if budget is None and args.device == "cpu":
         # Small pools, so that the split's capacity shows: 48 blocks a rank.
         budget = 48 * page * spec.num_layers
     ctxs = [int(c) for c in (args.ctxs or ("32768,131072" if args.device == "cuda"
                                            else "100,300")).split(",")]
     return {"path": path, "device": args.device, "ranks": args.ranks, "page_bytes": page,
-            "kv_budget_bytes": budget, "margin_gb": args.margin_gb, "ctxs": ctxs,
+            "kv_budget_bytes": budget, "serve_budget_bytes": serve,
+            "margin_gb": args.margin_gb, "ctxs": ctxs,
             "iters": args.iters, "max_positions": spec.max_position_embeddings,
             "chunked_prefill_size": args.chunked_prefill_size, "timeout_s": args.timeout_s,
             "layers": spec.num_layers, "latent_bytes_per_token_layer": latent_bytes}
@@ -360,8 +372,9 @@ def _summary(sections: dict, modes: list[str]) -> dict:
         out[mode] = {"ranks": m.get("ranks"), "pool_tokens": m.get("pool_tokens"),
                      "longest_request_tokens": m.get("longest_request_tokens"),
                      "decode_ms_per_token": m.get("decode_ms_per_token"),
-                     "served_longest": {k: s.get(k) for k in ("ok", "prompt_tokens",
-                                                              "new_tokens", "wall_s")}
+                     "served_longest": {k: s.get(k) for k in ("ok", "pool_tokens",
+                                                              "prompt_tokens", "new_tokens",
+                                                              "wall_s")}
                      if s else None}
     return out
 
