@@ -21,9 +21,15 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name rc=$rc in $((SECONDS - t)) s"; tail -n 12 "$OUT/$name.log" | cut -c1-600
 }
 if [ "$STAGE" = a ]; then
-  step dp "${DP_LIMIT:-200}" python3 benchmark/dp_gpu_run.py --out "$OUT/dp.json" \
-    --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 --max-tokens 64 ${DP_ARGS:-}
-  step tp "${TP_LIMIT:-240}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp.json" ${TP_ARGS:-}
+  step dp "${DP_LIMIT:-170}" python3 benchmark/dp_gpu_run.py --out "$OUT/dp.json" \
+    --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 --max-tokens 64 \
+    --layouts "${DP_LAYOUTS:-crosspool-dp1,crosspool-dp2}" ${DP_ARGS:-}
+  step tp "${TP_LIMIT:-190}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp.json" ${TP_ARGS:-}
+  # Mixtral-8x7B at full depth: at TP 2 each GPU holds half of its 87 GiB, so the KV left
+  # to it is what one GPU alone cannot give
+  step tp-mixtral "${MIX_LIMIT:-170}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp-mixtral.json" \
+    --model-config tests/data/model-configs/Mixtral-8x7B-v0.1 --layers 32 --modes tp1,tp2 \
+    --kv-gib auto --batches 1,16
 else
   step seq "${SEQ_LIMIT:-400}" python3 benchmark/seq_split_gpu_bench.py --out "$OUT/seq-split.json" \
     ${SEQ_ARGS:-}
