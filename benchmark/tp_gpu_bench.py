@@ -167,8 +167,18 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
             q_starts=list(range(batch)), q_lens=[1] * batch, ctx_lens=[ctx] * batch,
             tables=blocks)
         rows_t = torch.arange(batch, device=device)
-        graphs = None
+
+        def eager():
+            fb = ForwardBatch.from_lists(lists, bt, device)
+            if group.rank == 0:
+                return runner.forward(fb, rows_t)  # logits on rank 0 only, as in the engine
+            runner.backend.prepare(fb)
+            return runner.layers(fb)
+
+        graphs, reference = None, None
         if args["graph"]:
+            with torch.inference_mode():
+                reference = eager()  # the graph's logits are checked against these
             if not runner.backend.supports_graphs:
                 return {"skipped": f"{type(runner.backend).__name__} has no graph support"}
             # Every rank captures the same bucket at the same time (warm-up runs all-reduce).
@@ -179,16 +189,16 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
         def step():
             if graphs is not None:
                 return graphs.run(lists, list(range(batch)))
-            fb = ForwardBatch.from_lists(lists, bt, device)
-            if group.rank == 0:
-                return runner.forward(fb, rows_t)  # logits on rank 0 only, as in the engine
-            runner.backend.prepare(fb)
-            return runner.layers(fb)
+            return eager()
 
         with torch.inference_mode():
             for _ in range(args["warmup"]):
                 last = step()
             finite = bool(torch.isfinite(last).all())
+            diff = None
+            if reference is not None and group.rank == 0:
+                # NOTE: the step's K/V store rewrites the same slot each time: same inputs.
+                diff = float((last.float() - reference.float()).abs().max())
             step_ms = _timed(step, args["iters"], on_cuda, group)
             x = torch.randn(batch, spec.hidden_size, device=device, dtype=config.torch_dtype)
             ar_us = ctl_us = 0.0
@@ -204,7 +214,8 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
         del graphs
         if on_cuda:
             torch.cuda.empty_cache()
-    return {"step_ms": round(step_ms, 4), "finite": finite, "all_reduce_us": round(ar_us, 2),
+    return {"step_ms": round(step_ms, 4), "finite": finite, "graph_vs_eager_max_abs": diff,
+            "all_reduce_us": round(ar_us, 2),
             "all_reduce_ms_per_step": round(2 * spec.num_layers * ar_us / 1e3, 4),
             "control_us": round(ctl_us, 2)}
 

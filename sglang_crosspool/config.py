@@ -241,7 +241,7 @@ class EngineConfig:
                    radix_cache_floor_pages=_floors(radix_cache_floor_pages, names),
                    pipeline_models=pipeline_models, moe_small_batch=moe_small_batch,
                    **_parallel(tp_size, ep_size, entries, pool_mode, device,
-                               disable_cuda_graph, pipeline_microbatches, pipeline_models),
+                               pipeline_microbatches, pipeline_models),
                    **split)
 
 
@@ -277,8 +277,7 @@ def _attention_split(kind: str, size: int, entries: list[ModelEntry], pool_mode:
 
 
 def _parallel(tp_size: int, ep_size: int, entries: list[ModelEntry], pool_mode: str,
-              device: str, disable_cuda_graph: bool, microbatches: int,
-              pipeline_models: bool) -> dict:
+              device: str, microbatches: int, pipeline_models: bool) -> dict:
     """Checks --tp-size / --ep-size against the models and the other options; refuses what
     tensor parallelism does not run with yet."""
     from sglang_crosspool.models.parallel import ParallelError, ShardPlan
@@ -296,9 +295,6 @@ def _parallel(tp_size: int, ep_size: int, entries: list[ModelEntry], pool_mode: 
                                     "tensor-parallel yet); use static or monolithic")),
         (microbatches > 1, "pipeline_microbatches > 1"),
         (pipeline_models, "pipeline_models"),
-        (torch.device(device).type == "cuda" and not disable_cuda_graph,
-         ("CUDA graphs (not captured with collectives yet): pass disable_cuda_graph "
-          "(--disable-cuda-graph)")),
     ]
     for hit, what in refused:
         if hit:

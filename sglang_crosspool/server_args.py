@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the next N-1 GPUs, gloo on CPU): attention heads split (KV heads "
                         "replicated where fewer than N), dense weights and every expert's "
                         "intermediate rows split, two all-reduces per layer; static and "
-                        "monolithic pool modes, eager (pass --disable-cuda-graph on CUDA)")
+                        "monolithic pool modes")
     g.add_argument("--ep-size", "--expert-parallel-size", type=int, default=1, metavar="N",
                    help="expert parallelism within the --tp-size ranks: N groups, each "
                         "holding a contiguous slice of the routed experts (N divides "

@@ -18,9 +18,17 @@ long the server idles); tensors over the device group (NCCL on CUDA, gloo on CPU
 else a `TPEngineCore`, which spawns its followers, joins the group and checks that every rank
 loaded before it serves.
 
-Not supported yet (refused in `EngineConfig.build` or here, with the reason): CUDA graphs,
-the crosspool pool mode (FFN servers), micro-batch pipelining, loading or unloading models
-while serving. A rank that dies makes the engine unavailable (503), as a dead FFN server does.
+Decode steps as CUDA graphs (`decode_graphs`): every rank captures the same buckets of every
+model in the same order at start-up (the warm-up runs all-reduce, so they capture together;
+the NCCL all-reduces are inside the graphs), and a step message says whether rank 0 replays a
+graph, so the followers replay theirs. No graph memory budget under TP: a rank that skipped a
+bucket another captured would leave the ranks out of step.
+NOTE: captured graphs with NCCL inside have not run on a GPU yet (`benchmark/tp_gpu_bench.py`
++graph modes measure exactly that); `--disable-cuda-graph` runs every step eagerly.
+
+Not supported yet (refused in `EngineConfig.build` or here, with the reason): the crosspool
+pool mode (FFN servers), micro-batch pipelining, loading or unloading models while serving.
+A rank that dies makes the engine unavailable (503), as a dead FFN server does.
 NOTE: embeddings and lm_head are replicated on every rank (vocab-parallel is left to do).
 """
 
@@ -51,6 +59,8 @@ from sglang_crosspool.tokenizer import load_tokenizer
 
 log = logging.getLogger("sglang_crosspool.tp")
 
+# Tests only: graphs' static path (padded buffers, no capture) on CPU, on every rank.
+STATIC_GRAPHS_ENV = "SGLANG_CROSSPOOL_TP_STATIC_GRAPHS"
 TIMEOUT_S = 600.0  # a tensor collective waiting this long for a rank: the rank is gone
 CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a follower waits for the next step while the server idles
 _REFUSED = ("loading or unloading models while serving is not supported under tensor "
@@ -115,6 +125,28 @@ class TPFFNExecutor(LocalFFNExecutor):
         return _REFUSED
 
 
+def decode_graphs(config: EngineConfig, runners: dict, kv_pool: KVPool, device) -> dict:
+    """Each model's decode graphs on this rank, in model order, with EngineCore's buckets."""
+    from sglang_crosspool.engine.cuda_graph import DecodeGraphs, graph_buckets
+
+    capture = device.type == "cuda"
+    if not config.cuda_graph or not (capture or os.environ.get(STATIC_GRAPHS_ENV) == "1"):
+        return {}
+    pool = torch.cuda.graph_pool_handle() if capture else None
+    running = config.max_running_requests
+    buckets = [b for b in config.cuda_graph_bs or () if b <= running] or \
+        graph_buckets(min(config.cuda_graph_max_bs, running))
+    graphs = {}
+    for entry in config.models:
+        runner = runners[entry.name]
+        if not runner.backend.supports_graphs:  # the same answer on every rank
+            continue
+        max_blocks = -(-entry.context_length // kv_pool.block_tokens(entry.name))
+        graphs[entry.name] = DecodeGraphs(runner, kv_pool, buckets, max_blocks, capture=capture,
+                                          pool=pool)
+    return graphs
+
+
 def set_quotas(pool: KVPool, config: EngineConfig) -> None:
     if config.pool_mode == "static":  # as EngineCore._init_kv_pool
         share = pool.total_pages // len(config.models)
@@ -132,6 +164,7 @@ class StepMessage:
     model: str
     lists: StepLists
     journal: list
+    graph: bool = False  # rank 0 replays the model's decode graph for this step
 
 
 class TPEngineCore(EngineCore):
@@ -190,12 +223,21 @@ class TPEngineCore(EngineCore):
         self.runners[entry.name] = make_runner(self.config, entry, self.attention[entry.name],
                                                self.kv_pool, self.ffn)
 
+    def _init_graphs(self) -> None:
+        self.pair_graphs, self._graph_pool = {}, None
+        self.graphs = decode_graphs(self.config, self.runners, self.kv_pool, self.device)
+        if self.graphs:
+            log.info("tensor parallel: decode graphs for batch sizes %s",
+                     {name: g.stats()["buckets"] for name, g in self.graphs.items()})
+
     # -- the step ---------------------------------------------------------------------------
 
     def _forward_one(self, model: str, step: StepLists, rows: list[int]) -> torch.Tensor:
         journal, self.kv_pool.journal = self.kv_pool.journal, []
+        graphs = self.graphs.get(model)  # the base class decides the same way
+        graph = graphs is not None and graphs.fits(step)
         try:
-            self.group.broadcast_object(StepMessage(model, step, journal))
+            self.group.broadcast_object(StepMessage(model, step, journal, graph))
             return super()._forward_one(model, step, rows)
         except Exception as e:
             # NOTE: the ranks may have stopped at different collectives: none may follow.
@@ -288,12 +330,16 @@ class TPFollower:
         self.runners = {entry.name: make_runner(config, entry, self.attention[entry.name],
                                                 self.kv_pool, self.ffn)
                         for entry in config.models}
+        self.graphs = decode_graphs(config, self.runners, self.kv_pool, self.device)
 
     @torch.inference_mode()
     def run(self) -> None:
         """Runs rank 0's steps until it says stop (None)."""
         while (msg := self.group.broadcast_object(None)) is not None:
             self.kv_pool.replay(msg.journal)
+            if msg.graph:
+                getattr(self, "graphs", {})[msg.model].run(msg.lists, [])
+                continue
             runner = self.runners[msg.model]
             fb = ForwardBatch.from_lists(msg.lists, self.kv_pool.block_tokens(msg.model),
                                          self.device)

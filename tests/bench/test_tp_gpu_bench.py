@@ -41,3 +41,5 @@ def test_cpu_graph_modes_run_the_static_path(tmp_path):
     table = data["summary"]["decode_step_ms_by_batch"]["2"]
     assert set(table) == {"tp1+graph", "ep2+graph"}
     assert all(r["batches"]["2"]["finite"] for r in data["modes"]["ep2+graph"]["per_rank"])
+    assert data["modes"]["ep2+graph"]["per_rank"][0]["batches"]["2"]["graph_vs_eager_max_abs"] \
+        < 1e-3

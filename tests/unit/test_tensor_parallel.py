@@ -148,3 +148,18 @@ def test_fused_expert_layout_and_dummy_weights(tiny_models, tmp_path, reference)
     want, _ = _generate(path, load_format="dummy")
     got, _ = _generate(path, load_format="dummy", tp_size=2, ep_size=2)
     assert got == want
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton backend on CPU needs TRITON_INTERPRET=1")
+def test_decode_graph_steps_in_lockstep(tiny_models, reference, monkeypatch):
+    """Decode steps through every rank's DecodeGraphs (the static path, as on CUDA but without
+    capture): rank 0 tells the follower to replay, and the tokens stay TP 1's."""
+    from sglang_crosspool.engine.tensor_parallel import STATIC_GRAPHS_ENV
+
+    monkeypatch.setenv(STATIC_GRAPHS_ENV, "1")
+    tokens, stats = _generate([tiny_models["olmoe"]], tp_size=2, attention_backend="triton",
+                              max_running_requests=4)
+    want = {k: v for k, v in reference.items() if k[1] == "olmoe"}
+    assert {(r, "olmoe"): v for (r, _), v in tokens.items()} == want
+    assert stats["cuda_graphs"]["qwen3_moe"]["runs"] > 0
