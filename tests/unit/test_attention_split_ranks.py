@@ -98,3 +98,26 @@ def test_sequence_split_with_the_weights_pool(models, transport):
     assert stats["ffn_bytes_here"] == (stats["ffn_bytes_per_server"][0]
                                        if transport == "local" else 0)
     assert all(r["used_pages"] for r in stats["parallel"]["kv_pages_per_rank"])
+
+
+def test_sequence_split_reuses_cached_prefixes(models):
+    # Prompts sharing a 24-token prefix, twice: the second round starts from cached blocks
+    # that sit on both ranks, and new blocks go wherever pages are free.
+    prefix = list(range(100, 124))
+    prompts = [prefix + [7, 8], prefix + [9, 10, 11], prefix]
+    path = models["qwen3_moe"]
+
+    def rounds(**options):
+        engine = Engine(path, **{**OPTIONS, **options})
+        try:
+            results = [engine.generate(input_ids=prompts, sampling_params=GREEDY)
+                       for _ in range(2)]
+            cached = sum(o["meta_info"]["cached_tokens"] for o in results[1])
+            return [[o["output_ids"] for o in r] for r in results], cached
+        finally:
+            engine.shutdown()
+
+    want, _ = rounds()
+    got, cached = rounds(attention_split="seq", attention_split_size=2)
+    assert got == want and got[0] == got[1]
+    assert cached >= 3 * 16  # whole 8-token blocks of the shared prefix, per prompt
