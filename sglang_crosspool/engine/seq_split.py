@@ -1,8 +1,9 @@
 """Attention split over the sequence: each rank attends over the KV pages it holds.
 
-Every rank of the split runs the whole model in lockstep with the same batch (the attention
-weights are small and replicated), and its KV pool holds only the blocks placed on it
-(memory/kv_split.py: global block ids name their rank). Per layer, on every rank:
+Every rank of the split runs the model's attention in lockstep with the same batch (the
+attention weights are small and replicated; the experts are divided over the ranks or live in
+the weights pool: engine/seq_split_runtime.py), and its KV pool holds only the blocks placed on
+it (memory/kv_split.py: global block ids name their rank). Per layer, on every rank:
 
     q, k, v of the step's new tokens (every rank computes all of them)
       -> store k, v only where the token's page lives (slot_mapping decoded to this rank)
@@ -12,7 +13,7 @@ weights are small and replicated), and its KV pool holds only the blocks placed 
       -> merge by log-sum-exp in rank order (engine/partial_attention.py)
 
 so every rank ends the layer with the same attention output, bit for bit, and the rest of the
-step (o_proj, FFN, sampling) stays identical on every rank.
+step (o_proj, the FFN's all-reduce or broadcast, sampling) stays identical on every rank.
 
 `wrap(backend, group, rank_slots)` turns the model's unsplit backend into its split twin:
 `SeqSplitAttention` for GQA/MHA backends, `SeqSplitLatentAttention` for MLA's latent cache.
