@@ -75,6 +75,24 @@ class _SchedulerGauges:
         retractions.add_metric([], self.stats.get("scheduler", {}).get("retractions", 0))
         yield retractions
         yield from self._live_models()
+        yield from self._tensor_parallel()
+
+    def _tensor_parallel(self):
+        """Under --tp-size: each model's KV replication (ranks holding each KV head) and the
+        KV bytes, over all ranks, that hold copies beyond the first (what CrossPool avoids)."""
+        models = (self.stats.get("parallel") or {}).get("models")
+        if not isinstance(models, dict):
+            return
+        replicas = GaugeMetricFamily("sglang_crosspool:kv_head_replicas",
+                                     "Tensor-parallel ranks holding each KV head",
+                                     labels=["model_name"])
+        replicated = GaugeMetricFamily("sglang_crosspool:kv_replicated_bytes",
+                                       "KV bytes, over all ranks, holding replicated KV heads",
+                                       labels=["model_name"])
+        for name, row in models.items():
+            replicas.add_metric([name], row.get("kv_replicas", 1))
+            replicated.add_metric([name], row.get("replicated_kv_bytes", 0))
+        yield from (replicas, replicated)
 
     def _live_models(self):
         """Models loaded and unloaded while serving (POST /load_model, /unload_model)."""

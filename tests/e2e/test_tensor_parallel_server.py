@@ -49,6 +49,9 @@ def test_server_at_tp2_gives_tp1_tokens(model_paths, launch_server):
         assert [o["output_ids"] for o in r.json()] == want[name], name
     parallel = server.internal_state()["parallel"]
     assert (parallel["tp_size"], parallel["ep_size"]) == (2, 2)
+    metrics = server.get("/metrics").text
+    assert 'sglang_crosspool:kv_head_replicas{model_name="qwen-a"} 1.0' in metrics
+    assert "sglang_crosspool:kv_replicated_bytes" in metrics
     # The launcher's child is the scheduler (rank 0); its own children include the follower.
     followers = {p for s in _children(server.proc.pid) for p in _children(s)}
     assert followers, "no follower process found under the scheduler"
