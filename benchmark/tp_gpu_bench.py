@@ -28,6 +28,8 @@ capture loses nothing else. Reported per mode and batch, from rank 0's CUDA even
   `all_reduce_ms_per_step` = 2 x layers x that;
 - `control_us`: broadcasting one step's metadata to the followers (what the engine's rank 0
   sends every step over gloo);
+- `all_to_all_us`: one leg of an all-to-all dispatch of the step's top-k token copies (the
+  alternative to the FFN's all-reduce that the engine does not implement; for comparison);
 - per rank: weight bytes held and KV bytes per token (with the replicated share).
 The JSON is rewritten after every mode, so a run stopped midway keeps what it measured.
 On CPU (--device cpu) a tiny checkpoint runs in float32 over gloo, to check the script
@@ -201,8 +203,10 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
                 diff = float((last.float() - reference.float()).abs().max())
             step_ms = _timed(step, args["iters"], on_cuda, group)
             x = torch.randn(batch, spec.hidden_size, device=device, dtype=config.torch_dtype)
-            ar_us = ctl_us = 0.0
+            ar_us = ctl_us = a2a_us = 0.0
             if world > 1:
+                a2a_us = 1e3 * _timed(_all_to_all(x, spec.top_k, world), args["iters"] * 4,
+                                      on_cuda, group)
                 ar_us = 1e3 * _timed(lambda: group.all_reduce(x), args["iters"] * 4, on_cuda,
                                      group)
                 ctl_us = 1e3 * _timed(lambda: group.broadcast_object(lists), args["iters"],
@@ -217,7 +221,23 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
     return {"step_ms": round(step_ms, 4), "finite": finite, "graph_vs_eager_max_abs": diff,
             "all_reduce_us": round(ar_us, 2),
             "all_reduce_ms_per_step": round(2 * spec.num_layers * ar_us / 1e3, 4),
-            "control_us": round(ctl_us, 2)}
+            "control_us": round(ctl_us, 2),
+            # One leg of an all-to-all dispatch (each token's top-k copies spread evenly over
+            # the ranks), for comparison: a dispatch + combine would pay two per MoE layer,
+            # in place of the FFN's one all-reduce.
+            "all_to_all_us": round(a2a_us, 2)}
+
+
+def _all_to_all(x, top_k: int, world: int):
+    """One all_to_all_single of the batch's top-k token copies ([B * top_k, hidden], in equal
+    parts per rank; padded up to a multiple of the ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    rows = -(-x.shape[0] * top_k // world) * world
+    send = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype)
+    recv = torch.empty_like(send)
+    return lambda: dist.all_to_all_single(recv, send)
 
 
 def _sync(on_cuda: bool) -> None:
