@@ -234,7 +234,9 @@ class ServerArgs:
             raise ServerArgsError(f"--default-model: {default!r} is not one of the served "
                                   f"models ({', '.join(m.name for m in models)})")
         cuda_graph_bs = a.cuda_graph_max_bs_decode or a.cuda_graph_max_bs
-        budget = _kv_budget_bytes(a.device, a.mem_fraction_static, models, a.load_format, dtype)
+        # Over several devices (--devices), the first one's memory sets every worker's budget.
+        budget = _kv_budget_bytes((_devices(a.devices) or (a.device,))[0], a.mem_fraction_static,
+                                  models, a.load_format, dtype)
         # Created by the launcher; the port, pid and a random tag keep two servers apart.
         ipc_dir = os.path.join(tempfile.gettempdir(), f"sglang_crosspool-{a.port}-{os.getpid()}-"
                                f"{uuid.uuid4().hex[:8]}")
