@@ -21,9 +21,7 @@ micro-batch pipelining; CUDA graphs are not captured (eager steps).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing
 import os
 
 import torch
@@ -143,9 +141,8 @@ class SeqSplitEngineCore(TPEngineCore):
     def _start_followers(self, config: EngineConfig) -> Group:
         init_method = tcp_init_method()
         size = config.attention_split_size
-        with _children_allowed():
-            self.procs = start_ranks(follower_main, size, init_method,
-                                     args=(config, os.getpid()), name="seq-rank")
+        self.procs = start_ranks(follower_main, size, init_method,
+                                 args=(config, os.getpid()), name="seq-rank")
         return init_group(0, size, init_method, rank_device(config, 0), timeout_s=TIMEOUT_S,
                           control_timeout_s=CONTROL_TIMEOUT_S)
 
@@ -212,20 +209,6 @@ class SeqSplitFollower(TPFollower):
         self.runners = {entry.name: _split_runner(config, entry, self.attention[entry.name],
                                                   self.kv_pool, self.ffn, group)
                         for entry in config.models}
-
-
-@contextlib.contextmanager
-def _children_allowed():
-    """Lets a daemonic process (the server's scheduler process is one) start the followers.
-    NOTE: multiprocessing refuses children of daemonic processes so that none outlives its
-    parent; followers watch their parent's pid and exit with it (_exit_with_parent)."""
-    proc = multiprocessing.current_process()
-    daemon = proc._config.get("daemon")
-    proc._config["daemon"] = False
-    try:
-        yield
-    finally:
-        proc._config["daemon"] = daemon
 
 
 def follower_main(rank: int, world_size: int, init_method: str, config: EngineConfig,
