@@ -4,7 +4,7 @@
 # Run from the repository root on the GPU machine, the server's wheels in $WHL:
 #
 #   OUT=/tmp/out STAGE=a WHL=.whl bash benchmark/x2_session.sh   # dp + tp
-#   OUT=/tmp/out STAGE=b WHL=.whl bash benchmark/x2_session.sh   # seq split
+#   OUT=/tmp/out STAGE=b WHL=.whl bash benchmark/x2_session.sh   # seq split (DP_TOO=1: dp first)
 #
 # Each step has its own time limit; everything lands in $OUT, packed into $OUT/all.tgz too.
 set -uo pipefail
@@ -31,6 +31,9 @@ if [ "$STAGE" = a ]; then
     --model-config tests/data/model-configs/Mixtral-8x7B-v0.1 --layers 32 --modes tp1,tp2 \
     --kv-gib auto --batches 1,16
 else
+  [ -n "${DP_TOO:-}" ] && step dp "${DP_LIMIT:-150}" python3 benchmark/dp_gpu_run.py \
+    --out "$OUT/dp.json" --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 \
+    --max-tokens 64 --layouts "${DP_LAYOUTS:-crosspool-dp1,crosspool-dp2}" ${DP_ARGS:-}
   step seq "${SEQ_LIMIT:-400}" python3 benchmark/seq_split_gpu_bench.py --out "$OUT/seq-split.json" \
     ${SEQ_ARGS:-}
 fi
