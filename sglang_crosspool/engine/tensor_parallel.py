@@ -192,8 +192,14 @@ class TPEngineCore(EngineCore):
         init_method = tcp_init_method()
         self.procs = start_ranks(follower_main, config.tp_size, init_method,
                                  args=(config, os.getpid()), name="tp-rank")
-        return init_group(0, config.tp_size, init_method, rank_device(config, 0),
-                          timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+        try:
+            return init_group(0, config.tp_size, init_method, rank_device(config, 0),
+                              timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+        except BaseException:
+            for proc in self.procs:  # they would wait for the rendezvous until its timeout
+                proc.kill()
+                proc.join()
+            raise
 
     def _check_ranks(self, error: str | None, raise_: bool = True) -> None:
         """Start-up handshake: every rank says whether it loaded (one broadcast per rank)."""
