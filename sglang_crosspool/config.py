@@ -241,7 +241,8 @@ class EngineConfig:
                    radix_cache_floor_pages=_floors(radix_cache_floor_pages, names),
                    pipeline_models=pipeline_models, moe_small_batch=moe_small_batch,
                    **_parallel(tp_size, ep_size, entries, pool_mode, device,
-                               pipeline_microbatches, pipeline_models),
+                               pipeline_microbatches, pipeline_models, ffn_transport,
+                               ffn_device),
                    **split)
 
 
@@ -277,7 +278,8 @@ def _attention_split(kind: str, size: int, entries: list[ModelEntry], pool_mode:
 
 
 def _parallel(tp_size: int, ep_size: int, entries: list[ModelEntry], pool_mode: str,
-              device: str, microbatches: int, pipeline_models: bool) -> dict:
+              device: str, microbatches: int, pipeline_models: bool, ffn_transport: str = "local",
+              ffn_device: str | None = None) -> dict:
     """Checks --tp-size / --ep-size against the models and the other options; refuses what
     tensor parallelism does not run with yet."""
     from sglang_crosspool.models.parallel import ParallelError, ShardPlan
@@ -286,20 +288,28 @@ def _parallel(tp_size: int, ep_size: int, entries: list[ModelEntry], pool_mode: 
         return {"tp_size": 1, "ep_size": 1}
     try:
         plan = ShardPlan(0, tp_size, ep_size)
-        for entry in entries:
-            plan.check(entry.spec)
+        for entry in entries:  # crosspool: the experts are the weights pool's to divide
+            plan.spec_heads(entry.spec) if pool_mode == "crosspool" else plan.check(entry.spec)
     except ParallelError as e:
         raise ValueError(f"tp_size/ep_size: {e}") from None
+    dev, ffn = torch.device(device), torch.device(ffn_device or device)
+    first = dev.index or 0
     refused = [
-        (pool_mode == "crosspool", ("pool_mode 'crosspool' (its FFN servers are not "
-                                    "tensor-parallel yet); use static or monolithic")),
+        (pool_mode == "crosspool" and ep_size > 1,
+         "crosspool and ep_size > 1 (its FFN servers divide the experts: --ffn-servers)"),
+        (pool_mode == "crosspool" and ffn_transport in ("dist", "nccl"),
+         (f"crosspool over ffn_transport {ffn_transport!r} (its torch.distributed group "
+          "would be the ranks' own); use shm, p2p or local")),
+        (pool_mode == "crosspool" and dev.type == ffn.type == "cuda" and ffn_transport != "local"
+         and first < (ffn.index or 0) < first + tp_size,
+         (f"the FFN servers on {ffn_device}, one of the ranks' GPUs (cuda:{first}.."
+          f"cuda:{first + tp_size - 1}); put them on another")),
         (microbatches > 1, "pipeline_microbatches > 1"),
         (pipeline_models, "pipeline_models"),
     ]
     for hit, what in refused:
         if hit:
             raise ValueError(f"tp_size {tp_size} / ep_size {ep_size}: not supported with {what}")
-    dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available() and \
             (dev.index or 0) + tp_size > torch.cuda.device_count():
         raise ValueError(f"tp_size {tp_size}: ranks use {device} and the next GPUs, but only "

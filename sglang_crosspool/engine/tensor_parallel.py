@@ -26,8 +26,13 @@ bucket another captured would leave the ranks out of step.
 NOTE: captured graphs with NCCL inside have not run on a GPU yet (`benchmark/tp_gpu_bench.py`
 +graph modes measure exactly that); `--disable-cuda-graph` runs every step eagerly.
 
-Not supported yet (refused in `EngineConfig.build` or here, with the reason): the crosspool
-pool mode (FFN servers), micro-batch pipelining, loading or unloading models while serving.
+Pool modes: static and monolithic hold each rank's FFN shard (expert slices or rows); in
+crosspool the experts stay in the weights pool, rank 0 alone crosses to it and broadcasts the
+FFN output to the other ranks each layer (`make_ffn`; those steps run eagerly).
+
+Not supported yet (refused in `EngineConfig.build` or here, with the reason): crosspool over
+the dist/nccl FFN transports (their torch.distributed group would be the ranks' own),
+micro-batch pipelining, loading or unloading models while serving.
 A rank that dies makes the engine unavailable (503), as a dead FFN server does.
 NOTE: embeddings and lm_head are replicated on every rank (vocab-parallel is left to do).
 """
@@ -87,11 +92,14 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
 # -- one rank's parts (the same on rank 0 and followers) -------------------------------------
 
 def load_shard(config: EngineConfig, entry, shard: ShardPlan, group: Group, device):
-    """A model's attention half and FFN half on this rank: its share only."""
+    """A model's attention half and FFN half on this rank: its share only (crosspool: no FFN
+    half, None: the experts live in the weights pool)."""
     arch = get_architecture(entry.spec.model_type)
     files = open_checkpoint(entry.path, config.load_format, device)
     dtype = config.torch_dtype
     attention = arch.attention_cls(entry.spec, files, device, dtype, shard=shard, group=group)
+    if config.pool_mode == "crosspool":
+        return attention, None
     ffn = arch.ffn_cls(entry.spec, files, device, dtype, moe_small_batch=config.moe_small_batch,
                        shard=shard, group=group)
     return attention, ffn
@@ -125,6 +133,18 @@ class TPFFNExecutor(LocalFFNExecutor):
         return _REFUSED
 
 
+def make_ffn(config: EngineConfig, halves: dict, group: Group, device):
+    """This rank's FFN executor: its shards (static, monolithic), or under crosspool the
+    weights pool reached by rank 0 alone, its output broadcast to the other ranks each layer
+    (seq_split_runtime.SplitFFN, shared with the sequence split)."""
+    if config.pool_mode != "crosspool":
+        return TPFFNExecutor(halves, device)
+    from sglang_crosspool.engine.seq_split_runtime import SplitFFN
+    from sglang_crosspool.ffn.factory import make_ffn_executor
+
+    return SplitFFN(make_ffn_executor(config) if group.rank == 0 else None, group)
+
+
 def decode_graphs(config: EngineConfig, runners: dict, kv_pool: KVPool, device) -> dict:
     """Each model's decode graphs on this rank, in model order, with EngineCore's buckets."""
     from sglang_crosspool.engine.cuda_graph import DecodeGraphs, graph_buckets
@@ -139,8 +159,8 @@ def decode_graphs(config: EngineConfig, runners: dict, kv_pool: KVPool, device) 
     graphs = {}
     for entry in config.models:
         runner = runners[entry.name]
-        if not runner.backend.supports_graphs:  # the same answer on every rank
-            continue
+        if not (runner.backend.supports_graphs and runner.ffn.supports_graphs):
+            continue  # the same answer on every rank
         max_blocks = -(-entry.context_length // kv_pool.block_tokens(entry.name))
         graphs[entry.name] = DecodeGraphs(runner, kv_pool, buckets, max_blocks, capture=capture,
                                           pool=pool)
@@ -219,7 +239,7 @@ class TPEngineCore(EngineCore):
             self.attention[entry.name], halves[entry.name] = load_shard(
                 self.config, entry, self.shard, self.group, self.device)
             self.tokenizers[entry.name] = load_tokenizer(entry.path)
-        self.ffn = ffn or TPFFNExecutor(halves, self.device)
+        self.ffn = ffn or make_ffn(self.config, halves, self.group, self.device)
         self.unavailable = None
 
     def _add_kv(self, entry) -> None:
@@ -328,7 +348,7 @@ class TPFollower:
         for entry in config.models:
             self.attention[entry.name], halves[entry.name] = load_shard(
                 config, entry, shard, group, self.device)
-        self.ffn = TPFFNExecutor(halves, self.device)
+        self.ffn = make_ffn(config, halves, group, self.device)
         self.kv_pool = make_kv_pool(config, self.device)
         for entry in config.models:
             add_kv(self.kv_pool, config, entry, self.attention[entry.name])

@@ -65,7 +65,7 @@ def test_server_at_tp2_gives_tp1_tokens(model_paths, launch_server):
 
 @pytest.mark.parametrize("flags, message", [
     (["--tp-size", "3"], "cannot be split over tp_size 3"),
-    (["--tp-size", "2", "--pool-mode", "crosspool"], "crosspool"),
+    (["--tp-size", "2", "--pool-mode", "crosspool", "--ffn-transport", "dist"], "dist"),
 ])
 def test_launcher_refuses(model_paths, flags, message):
     from sglang_crosspool.server_args import ServerArgs

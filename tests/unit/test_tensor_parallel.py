@@ -97,8 +97,8 @@ def test_config_refusals(tiny_models):
     path = tiny_models["qwen3_moe"]
     with pytest.raises(ValueError, match="attention heads cannot be split over tp_size 3"):
         Engine(path, device="cpu", tp_size=3)
-    with pytest.raises(ValueError, match="crosspool"):
-        Engine(path, device="cpu", tp_size=2, pool_mode="crosspool")
+    with pytest.raises(ValueError, match="ffn_transport 'dist'"):
+        Engine(path, device="cpu", tp_size=2, pool_mode="crosspool", ffn_transport="dist")
     with pytest.raises(ValueError, match="pipeline_microbatches"):
         Engine(path, device="cpu", tp_size=2, pipeline_microbatches=2)
     with pytest.raises(ValueError, match="must divide tp_size"):
@@ -163,3 +163,16 @@ def test_decode_graph_steps_in_lockstep(tiny_models, reference, monkeypatch):
     want = {k: v for k, v in reference.items() if k[1] == "olmoe"}
     assert {(r, "olmoe"): v for (r, _), v in tokens.items()} == want
     assert stats["cuda_graphs"]["qwen3_moe"]["runs"] > 0
+
+
+@pytest.mark.parametrize("transport", ["local", "shm", "p2p"])
+def test_crosspool_attention_at_tp2(tiny_models, reference, transport):
+    """Crosspool with the attention side at TP 2: the experts stay in the weights pool (FFN
+    servers in process, or processes over shared memory), rank 0 crosses and broadcasts."""
+    paths = [tiny_models["qwen3_moe"], tiny_models["qwen2_moe"]]
+    tokens, stats = _generate(paths, tp_size=2, pool_mode="crosspool", ffn_servers=2,
+                              ffn_transport=transport)
+    assert tokens == {k: v for k, v in reference.items() if k[1] in ARCHS[:2]}
+    assert stats["parallel"]["models"]["qwen3_moe"]["heads_per_rank"] == 2
+    with pytest.raises(ValueError, match="ep_size > 1"):
+        Engine(paths[0], device="cpu", tp_size=2, ep_size=2, pool_mode="crosspool")
