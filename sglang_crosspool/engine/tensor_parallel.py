@@ -145,26 +145,50 @@ def make_ffn(config: EngineConfig, halves: dict, group: Group, device):
     return SplitFFN(make_ffn_executor(config) if group.rank == 0 else None, group)
 
 
-def decode_graphs(config: EngineConfig, runners: dict, kv_pool: KVPool, device) -> dict:
-    """Each model's decode graphs on this rank, in model order, with EngineCore's buckets."""
+def decode_graphs(config: EngineConfig, runners: dict, kv_pool: KVPool,
+                  device) -> tuple[dict, str | None]:
+    """Each model's decode graphs on this rank, in model order, with EngineCore's buckets;
+    and the capture's status: None (nothing to capture, the same on every rank), "ok", or
+    why it failed (then no graphs: `agree_on_graphs` makes every rank step eagerly)."""
     from sglang_crosspool.engine.cuda_graph import DecodeGraphs, graph_buckets
 
     capture = device.type == "cuda"
     if not config.cuda_graph or not (capture or os.environ.get(STATIC_GRAPHS_ENV) == "1"):
-        return {}
+        return {}, None
     pool = torch.cuda.graph_pool_handle() if capture else None
     running = config.max_running_requests
     buckets = [b for b in config.cuda_graph_bs or () if b <= running] or \
         graph_buckets(min(config.cuda_graph_max_bs, running))
     graphs = {}
-    for entry in config.models:
-        runner = runners[entry.name]
-        if not (runner.backend.supports_graphs and runner.ffn.supports_graphs):
-            continue  # the same answer on every rank
-        max_blocks = -(-entry.context_length // kv_pool.block_tokens(entry.name))
-        graphs[entry.name] = DecodeGraphs(runner, kv_pool, buckets, max_blocks, capture=capture,
-                                          pool=pool)
-    return graphs
+    try:
+        for entry in config.models:
+            runner = runners[entry.name]
+            if not (runner.backend.supports_graphs and runner.ffn.supports_graphs):
+                continue  # the same answer on every rank
+            max_blocks = -(-entry.context_length // kv_pool.block_tokens(entry.name))
+            graphs[entry.name] = DecodeGraphs(runner, kv_pool, buckets, max_blocks,
+                                              capture=capture, pool=pool)
+    except Exception as e:  # NOTE: every rank must then step eagerly (agree_on_graphs)
+        log.exception("capturing the decode graphs failed")
+        graphs.clear()
+        if capture:
+            torch.cuda.empty_cache()
+        return {}, f"{type(e).__name__}: {e}"
+    return graphs, ("ok" if graphs else None)
+
+
+def agree_on_graphs(group: Group, status: str | None) -> bool:
+    """After every rank captured (status "ok" or an error): True when all did; otherwise
+    every rank drops its graphs, since one rank replaying while another steps eagerly would
+    leave their collectives out of step. One control broadcast per rank."""
+    ok = True
+    for src in range(group.world_size):
+        said = group.broadcast_object(status if src == group.rank else None, src=src)
+        if said != "ok":
+            ok = False
+            log.warning("rank %d did not capture its decode graphs (%s): every rank steps "
+                        "eagerly", src, said)
+    return ok
 
 
 def set_quotas(pool: KVPool, config: EngineConfig) -> None:
@@ -199,6 +223,9 @@ class TPEngineCore(EngineCore):
         try:
             super().__init__(config)
             self._check_ranks(None)
+            if getattr(self, "graph_status", None) is not None and \
+                    not agree_on_graphs(self.group, self.graph_status):
+                self.graphs = {}
         except BaseException as e:
             if not isinstance(e, _RankFailed):
                 self._check_ranks(f"{type(e).__name__}: {e}", raise_=False)
@@ -251,7 +278,8 @@ class TPEngineCore(EngineCore):
 
     def _init_graphs(self) -> None:
         self.pair_graphs, self._graph_pool = {}, None
-        self.graphs = decode_graphs(self.config, self.runners, self.kv_pool, self.device)
+        self.graphs, self.graph_status = decode_graphs(self.config, self.runners, self.kv_pool,
+                                                       self.device)
         if self.graphs:
             log.info("tensor parallel: decode graphs for batch sizes %s",
                      {name: g.stats()["buckets"] for name, g in self.graphs.items()})
@@ -356,7 +384,8 @@ class TPFollower:
         self.runners = {entry.name: make_runner(config, entry, self.attention[entry.name],
                                                 self.kv_pool, self.ffn)
                         for entry in config.models}
-        self.graphs = decode_graphs(config, self.runners, self.kv_pool, self.device)
+        self.graphs, self.graph_status = decode_graphs(config, self.runners, self.kv_pool,
+                                                       self.device)
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -394,6 +423,8 @@ def follower_main(rank: int, world_size: int, init_method: str, config: EngineCo
         failed = failed or said is not None
     if failed:
         os._exit(1)
+    if follower.graph_status is not None and not agree_on_graphs(group, follower.graph_status):
+        follower.graphs = {}
     follower.run()
     group.close()
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from sglang_crosspool import Engine
+from sglang_crosspool.distributed import init_group
+from sglang_crosspool.distributed.spawn import run_ranks
 from sglang_crosspool.models.checkpoint import CheckpointFiles, DummyFiles
 from sglang_crosspool.models.config import load_spec
 from sglang_crosspool.models.parallel import ParallelError, ShardPlan
@@ -176,3 +178,19 @@ def test_crosspool_attention_at_tp2(tiny_models, reference, transport):
     assert stats["parallel"]["models"]["qwen3_moe"]["heads_per_rank"] == 2
     with pytest.raises(ValueError, match="ep_size > 1"):
         Engine(paths[0], device="cpu", tp_size=2, ep_size=2, pool_mode="crosspool")
+
+
+def _agree(rank: int, world: int, init_method: str, statuses: list) -> bool:
+    from sglang_crosspool.engine.tensor_parallel import agree_on_graphs
+
+    group = init_group(rank, world, init_method)
+    try:
+        return agree_on_graphs(group, statuses[rank])
+    finally:
+        group.close()
+
+
+def test_ranks_agree_on_graphs():
+    """One rank that could not capture makes every rank step eagerly."""
+    assert run_ranks(_agree, 2, args=(["ok", "ok"],)) == [True, True]
+    assert run_ranks(_agree, 2, args=(["ok", "RuntimeError: capture"],)) == [False, False]
