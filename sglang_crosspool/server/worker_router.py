@@ -224,6 +224,12 @@ class WorkerRouterClient(EngineClient):
             order = sorted(live, key=lambda w: (_weight_bytes(w.stats), len(w.rids), w.index))
             worker, rest = (order[0], order[1:]) if order else (None, [])
         else:
+            if len(self.owners.get(name, ())) > 1:
+                self._deliver(ControlResult(msg.cid, {
+                    "error": f"model {name!r} is served by {len(self.owners[name])} "
+                             "data-parallel replicas; unloading it from all of them is not "
+                             "supported yet", "status": 501}))
+                return
             worker, rest = (self.owners.get(name) or [None])[0], []
         if worker is None or worker.dead is not None:
             if worker is not None:

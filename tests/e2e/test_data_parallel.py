@@ -114,6 +114,17 @@ def test_replicas_give_one_devices_tokens_and_share_the_ffn_servers(
         r = server.post("/load_model", json={"model_path": two_models["qwen"],
                                              "served_model_name": "extra"})
         assert r.status_code == 501 and "--dp-size" in r.text, r.text
+    else:  # monolithic: a model loaded later lives on one worker, and unloads from it
+        r = server.post("/load_model", json={"model_path": two_models["qwen"],
+                                             "served_model_name": "extra"})
+        assert r.status_code == 200, r.text
+        homes = [w["index"] for w in server.internal_state()["workers"]
+                 if "extra" in w["models"]]
+        assert len(homes) == 1
+        assert server.post("/unload_model", json={"served_model_name": "extra"}
+                           ).status_code == 200
+    r = server.post("/unload_model", json={"served_model_name": "qwen"})
+    assert r.status_code == 501 and "data-parallel replicas" in r.text, r.text
     assert server.post("/generate", json={"model": "qwen", "input_ids": [1, 2],
                                           "sampling_params": GREEDY}).status_code == 200
 
