@@ -172,8 +172,8 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
 
         def eager():
             fb = ForwardBatch.from_lists(lists, bt, device)
-            if group.rank == 0:
-                return runner.forward(fb, rows_t)  # logits on rank 0 only, as in the engine
+            if group.rank == 0 or runner.model.vocab_rows is not None:
+                return runner.forward(fb, rows_t)  # as the engine: vocab-parallel logits
             runner.backend.prepare(fb)
             return runner.layers(fb)
 

@@ -5,7 +5,8 @@
     step(): schedule -> _forward_one(model, StepLists)
         broadcast_object(("step", model, lists, KV journal)) -> replay KV journal
         forward over its shard  <-- all-reduce per layer -->   forward over its shard
-        logits (replicated lm_head), sample                    (no logits)
+        logits of its vocab rows  <-- all-gather -->           logits of its vocab rows
+        sample
 
 Every rank loads only its share of each model (`models/parallel.py`: heads, intermediate rows,
 expert slice) onto its own device (cuda:k+rank, or the CPU) and keeps its own KV pool with the
@@ -34,7 +35,8 @@ Not supported yet (refused in `EngineConfig.build` or here, with the reason): cr
 the dist/nccl FFN transports (their torch.distributed group would be the ranks' own),
 micro-batch pipelining, loading or unloading models while serving.
 A rank that dies makes the engine unavailable (503), as a dead FFN server does.
-NOTE: embeddings and lm_head are replicated on every rank (vocab-parallel is left to do).
+Embeddings and lm_head are vocab-parallel where tp_size divides the vocabulary (else whole on
+every rank, and only rank 0 computes logits).
 """
 
 from __future__ import annotations
@@ -209,6 +211,7 @@ class StepMessage:
     lists: StepLists
     journal: list
     graph: bool = False  # rank 0 replays the model's decode graph for this step
+    rows: list[int] | None = None  # the logits rows rank 0 takes (vocab-parallel: gathered)
 
 
 class TPEngineCore(EngineCore):
@@ -291,7 +294,7 @@ class TPEngineCore(EngineCore):
         graphs = self.graphs.get(model)  # the base class decides the same way
         graph = graphs is not None and graphs.fits(step)
         try:
-            self.group.broadcast_object(StepMessage(model, step, journal, graph))
+            self.group.broadcast_object(StepMessage(model, step, journal, graph, rows))
             return super()._forward_one(model, step, rows)
         except Exception as e:
             # NOTE: the ranks may have stopped at different collectives: none may follow.
@@ -326,6 +329,7 @@ class TPEngineCore(EngineCore):
             # Per token over all ranks: what they hold, and the copies beyond the first.
             per_rank = s.kv_bytes_per_token(self.config.dtype) * h.kv_heads // s.num_kv_heads
             models[name] = {"heads_per_rank": h.heads, "kv_heads_per_rank": h.kv_heads,
+                            "vocab_parallel": attention.vocab_rows is not None,
                             "kv_replicas": h.kv_replicas, "kv_bytes_per_rank": mapped,
                             "replicated_kv_bytes_per_rank": replicated,
                             "replicated_kv_bytes": replicated * ranks,
@@ -398,6 +402,10 @@ class TPFollower:
             runner = self.runners[msg.model]
             fb = ForwardBatch.from_lists(msg.lists, self.kv_pool.block_tokens(msg.model),
                                          self.device)
+            if getattr(runner.model, "vocab_rows", None) is not None:
+                # Vocab-parallel: every rank takes part in the logits' all-gather.
+                runner.forward(fb, torch.tensor(msg.rows, dtype=torch.int64, device=self.device))
+                continue
             runner.backend.prepare(fb)
             runner.layers(fb)  # logits and sampling are rank 0's
 

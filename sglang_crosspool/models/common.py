@@ -137,10 +137,14 @@ class AttentionHalf:
             return files.first(*keys, shape=shape, part=part).to(device=device, dtype=dtype)
 
         s = spec
-        self.embed = load("model.embed_tokens.weight", shape=(s.vocab_size, s.hidden_size))
+        # Vocab-parallel under TP (models/parallel.py): this rank's rows, or all of them.
+        self.vocab_rows = self.shard.vocab_rows(s.vocab_size)
+        self.embed = load("model.embed_tokens.weight", shape=(s.vocab_size, s.hidden_size),
+                          part=rows(self.vocab_rows))
         self.final_norm = load("model.norm.weight", shape=(s.hidden_size,))
         if "lm_head.weight" in files or not s.tie_word_embeddings:
-            self.lm_head = load("lm_head.weight", shape=(s.vocab_size, s.hidden_size))
+            self.lm_head = load("lm_head.weight", shape=(s.vocab_size, s.hidden_size),
+                                part=rows(self.vocab_rows))
         else:
             self.lm_head = self.embed
         self.layers = [self._load_layer(i, load) for i in range(s.num_layers)]
@@ -199,7 +203,14 @@ class AttentionHalf:
     # -- forward pieces ---------------------------------------------------------------------
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed)
+        if self.vocab_rows is None:
+            return F.embedding(input_ids, self.embed)
+        # Rows this rank does not hold read row 0 and are zeroed; the all-reduce adds the
+        # holder's row (exactly: every other term is zero).
+        start, stop = self.vocab_rows
+        outside = (input_ids < start) | (input_ids >= stop)
+        x = F.embedding((input_ids - start).masked_fill(outside, 0), self.embed)
+        return self.group.all_reduce(x.masked_fill(outside.unsqueeze(-1), 0))
 
     def qkv(self, layer: AttnLayer, h: torch.Tensor):
         """Projects h [tokens, hidden] to q [T, heads, d], k and v [T, kv_heads, d]."""
@@ -262,7 +273,9 @@ class AttentionHalf:
         return o if layer.o_b is None else o + layer.o_b
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(x, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
+        """float32 logits [T, vocab]; vocab-parallel: every rank must call it (all-gather)."""
+        out = F.linear(rms_norm(x, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
+        return out if self.vocab_rows is None else self.group.all_gather(out, dim=-1)
 
     def nbytes(self) -> int:
         tensors = [self.embed, self.final_norm]

@@ -21,8 +21,10 @@ all of them:
   Every rank routes every token (the router is replicated), computes the tokens routed to its
   experts with its slice, and one all-reduce per layer sums routed and shared parts together.
   (ep_size 1: pure TP of every expert; ep_size == tp_size: pure EP.)
-- embeddings, norms, routers and lm_head: replicated (every rank holds them whole; only rank 0
-  computes logits).
+- embeddings and lm_head: vocab-parallel where tp_size divides the vocabulary (rank r holds
+  rows [r*V/N, (r+1)*V/N); a token's embedding comes from the rank holding its row, the
+  others add zeros in one all-reduce; each rank's logits of its rows are all-gathered), else
+  replicated; norms and routers: replicated.
 """
 
 from __future__ import annotations
@@ -144,6 +146,13 @@ class ShardPlan:
     def expert_rows(self, inter: int) -> tuple[int, int]:
         """This rank's rows of one routed expert's intermediate dim."""
         return split(inter, self.moe_tp_size, self.moe_tp_rank, "moe_intermediate_size")
+
+    def vocab_rows(self, vocab: int) -> tuple[int, int] | None:
+        """This rank's rows of the embedding and lm_head; None: kept whole (TP 1, or a
+        vocabulary tp_size does not divide)."""
+        if not self.sharded or vocab % self.tp_size:
+            return None
+        return split(vocab, self.tp_size, self.rank, "vocab_size")
 
     def dense_rows(self, inter: int, what: str = "intermediate_size") -> tuple[int, int]:
         """This rank's rows of a dense MLP's or shared expert's intermediate dim."""

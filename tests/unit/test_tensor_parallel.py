@@ -59,6 +59,7 @@ def test_greedy_tokens_equal_tp1(all_models, reference, tp, ep):
     # 4 heads / 2 KV heads: split at TP 2, each KV head on two ranks at TP 4; MLA: every rank.
     qwen, mla = par["models"]["qwen3_moe"], par["models"]["deepseek_v2"]
     assert qwen["heads_per_rank"] == 4 // tp and qwen["kv_replicas"] == max(1, tp // 2)
+    assert qwen["vocab_parallel"]  # the tiny vocabulary divides by 2 and 4
     assert mla["kv_replicas"] == tp
     assert mla["replicated_kv_bytes_per_token"] == (tp - 1) * mla["kv_bytes_per_token"] // tp
 
@@ -194,3 +195,11 @@ def test_ranks_agree_on_graphs():
     """One rank that could not capture makes every rank step eagerly."""
     assert run_ranks(_agree, 2, args=(["ok", "ok"],)) == [True, True]
     assert run_ranks(_agree, 2, args=(["ok", "RuntimeError: capture"],)) == [False, False]
+
+
+def test_vocabulary_tp_size_does_not_divide_stays_whole(tmp_path):
+    """1030 rows over 4 ranks: embeddings and lm_head whole on every rank, logits on rank 0."""
+    path = str(make_model(tmp_path / "odd", "mixtral", seed=4, vocab_size=1030))
+    want, _ = _generate([path])
+    got, stats = _generate([path], tp_size=4)
+    assert got == want and not stats["parallel"]["models"]["qwen3_moe"]["vocab_parallel"]
