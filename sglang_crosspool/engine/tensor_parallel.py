@@ -3,7 +3,7 @@
     rank 0 (this process: Engine or the scheduler process)     ranks 1..N-1 (spawned followers)
     EngineCore: scheduler, KV books, sampling                  TPFollower: no scheduler
     step(): schedule -> _forward_one(model, StepLists)
-        broadcast_object(("step", model, lists, KV journal)) -> replay KV journal
+        broadcast_object(StepMessage: model, lists, KV journal, graph?, rows) -> replay journal
         forward over its shard  <-- all-reduce per layer -->   forward over its shard
         logits of its vocab rows  <-- all-gather -->           logits of its vocab rows
         sample
@@ -11,7 +11,9 @@
 Every rank loads only its share of each model (`models/parallel.py`: heads, intermediate rows,
 expert slice) onto its own device (cuda:k+rank, or the CPU) and keeps its own KV pool with the
 same blocks mapped: rank 0's pool records block operations (`KVPool.journal`) and the step
-message carries them, so a follower's pool replays them before the step's forward. Control
+message carries them, so a follower's pool replays them before the step's forward.
+Embeddings and lm_head are vocab-parallel where tp_size divides the vocabulary (else whole on
+every rank, and only rank 0 computes logits). Control
 messages go over the group's gloo control group (a follower waits for the next step however
 long the server idles); tensors over the device group (NCCL on CUDA, gloo on CPU).
 
@@ -33,10 +35,9 @@ FFN output to the other ranks each layer (`make_ffn`; those steps run eagerly).
 
 Not supported yet (refused in `EngineConfig.build` or here, with the reason): crosspool over
 the dist/nccl FFN transports (their torch.distributed group would be the ranks' own),
-micro-batch pipelining, loading or unloading models while serving.
-A rank that dies makes the engine unavailable (503), as a dead FFN server does.
-Embeddings and lm_head are vocab-parallel where tp_size divides the vocabulary (else whole on
-every rank, and only rank 0 computes logits).
+micro-batch pipelining, loading or unloading models while serving, several attention
+workers (--devices). A rank that dies makes the engine unavailable (503), as a dead FFN
+server does.
 """
 
 from __future__ import annotations
