@@ -30,6 +30,9 @@ capture loses nothing else. Reported per mode and batch, from rank 0's CUDA even
   sends every step over gloo);
 - `all_to_all_us`: one leg of an all-to-all dispatch of the step's top-k token copies (the
   alternative to the FFN's all-reduce that the engine does not implement; for comparison);
+- last (`all_reduce_kinds`, CUDA, --no-symm-mem to skip): NCCL's all-reduce of [B, hidden]
+  against torch's symmetric-memory one-shot and two-shot all-reduces (multicast off), with
+  each one's difference from NCCL's sum or the error it raised;
 - per rank: weight bytes held and KV bytes per token (with the replicated share).
 The JSON is rewritten after every mode, so a run stopped midway keeps what it measured.
 On CPU (--device cpu) a tiny checkpoint runs in float32 over gloo, to check the script
@@ -228,6 +231,62 @@ def _measure(runner, pool, config, batch: int, args: dict, group) -> dict:
             "all_to_all_us": round(a2a_us, 2)}
 
 
+def _all_reduce_kinds(rank: int, world: int, init_method: str, hidden: int,
+                      batches: list[int], iters: int) -> dict:
+    """Per batch: us per all-reduce of [B, hidden] bf16 by NCCL and by torch's symmetric
+    memory (one-shot: every rank reads every peer's buffer; two-shot: reduce-scatter then
+    all-gather through peer stores), each with its largest difference from NCCL's sum, or the
+    error that kind raised here."""
+    import torch
+
+    from sglang_crosspool.distributed import init_group
+
+    device = torch.device("cuda", rank)
+    group = init_group(rank, world, init_method, device, timeout_s=300)
+    out = {}
+    try:
+        for batch in batches:
+            out[str(batch)] = _all_reduce_row(group, batch, hidden, iters)
+            if rank == 0:
+                print(f"  batch {batch}: {json.dumps(out[str(batch)])}", flush=True)
+    except Exception as e:  # noqa: BLE001 - e.g. no symmetric memory in this torch
+        out["error"] = f"{type(e).__name__}: {e}"[:500]
+    finally:
+        group.close()
+    return out
+
+
+def _all_reduce_row(group, batch: int, hidden: int, iters: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    device, name = group.device, dist.group.WORLD.group_name
+    gen = torch.Generator(device=device).manual_seed(group.rank)
+    x = torch.randn(batch, hidden, device=device, dtype=torch.bfloat16, generator=gen)
+    want = group.all_reduce(x.clone())
+    scratch = x.clone()  # summed in place again and again: timing only
+    row = {"nccl_us": round(1e3 * _timed(lambda: group.all_reduce(scratch), iters * 4, True,
+                                         group), 2)}
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, else a no-op
+        symm_mem.enable_symm_mem_for_group(name)
+    buf = symm_mem.empty(batch, hidden, dtype=torch.bfloat16, device=device)
+    symm_mem.rendezvous(buf, name)
+    kinds = {"one_shot": lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", name),
+             "two_shot": lambda: torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", name)}
+    for kind, fn in kinds.items():
+        try:
+            buf.copy_(x)
+            group.barrier()
+            got = fn()
+            torch.cuda.synchronize(device)
+            row[f"{kind}_max_abs_diff"] = float((got.float() - want.float()).abs().max())
+            row[f"{kind}_us"] = round(1e3 * _timed(fn, iters * 4, True, group), 2)
+        except Exception as e:  # noqa: BLE001 - this torch or GPU lacks the kind
+            row[f"{kind}_error"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
+
 def _all_to_all(x, top_k: int, world: int):
     """One all_to_all_single of the batch's top-k token copies ([B * top_k, hidden], in equal
     parts per rank; padded up to a multiple of the ranks)."""
@@ -311,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the engine's small-batch MoE path (off: the fused-MoE GEMM at "
                         "every batch, the path tested under TP)")
     p.add_argument("--tiny-arch", default="qwen3_moe", help="CPU: the tiny checkpoint's arch")
+    p.add_argument("--no-symm-mem", dest="symm_mem", action="store_false",
+                   help="skip the last section: NCCL's all-reduce against torch's "
+                        "symmetric-memory one-shot and two-shot all-reduces (CUDA)")
     p.add_argument("--attention-backend", default="auto",
                    help="the engine's --attention-backend (CPU: triton under TRITON_INTERPRET=1 "
                         "runs the +graph modes' static path, without capture)")
@@ -354,6 +416,19 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 report["failed"].append({"mode": name, "error": f"{type(e).__name__}: {e}"})
             report["summary"] = summarize(report)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        if args.device == "cuda" and args.symm_mem and args.ranks > 1:
+            # Last: an all-reduce kind that crashes here costs nothing measured before it.
+            print("all-reduce kinds: NCCL against symmetric memory", flush=True)
+            try:
+                hidden = _config(path, args, 1, 1).models[0].spec.hidden_size
+                report["all_reduce_kinds"] = run_ranks(
+                    _all_reduce_kinds, args.ranks, args=(hidden, args.batches, args.iters),
+                    timeout_s=600)[0]
+            except Exception as e:  # noqa: BLE001 - reported
+                traceback.print_exc()
+                report["failed"].append({"mode": "all_reduce_kinds",
+                                         "error": f"{type(e).__name__}: {e}"})
             out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))
     return 1 if report["failed"] else 0
