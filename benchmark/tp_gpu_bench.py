@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 hidden = _config(path, args, 1, 1).models[0].spec.hidden_size
                 report["all_reduce_kinds"] = run_ranks(
                     _all_reduce_kinds, args.ranks, args=(hidden, args.batches, args.iters),
-                    timeout_s=600)[0]
+                    timeout_s=180)[0]
             except Exception as e:  # noqa: BLE001 - reported
                 traceback.print_exc()
                 report["failed"].append({"mode": "all_reduce_kinds",
