@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the engine's small-batch MoE path (off: the fused-MoE GEMM at "
                         "every batch, the path tested under TP)")
     p.add_argument("--tiny-arch", default="qwen3_moe", help="CPU: the tiny checkpoint's arch")
+    p.add_argument("--mode-timeout", type=float, default=420.0,
+                   help="seconds one mode may take (a hung capture then costs only its mode)")
     p.add_argument("--no-symm-mem", dest="symm_mem", action="store_false",
                    help="skip the last section: NCCL's all-reduce against torch's "
                         "symmetric-memory one-shot and two-shot all-reduces (CUDA)")
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 ranks = run_ranks(_rank, tp, args=(config, {
                     "batches": args.batches, "ctx": args.ctx, "iters": args.iters,
                     "warmup": args.warmup, "kv_gib": args.kv_gib, "graph": graph,
-                    "margin_gib": args.margin_gib}), timeout_s=1800)
+                    "margin_gib": args.margin_gib}), timeout_s=args.mode_timeout)
                 report["modes"][name] = {"tp_size": tp, "ep_size": ep, "graph": graph,
                                          "per_rank": ranks,
                                          "wall_s": round(time.perf_counter() - t0, 1)}
