@@ -323,14 +323,22 @@ def _timed(fn, n: int, on_cuda: bool, group) -> float:
 # -- driver -----------------------------------------------------------------------------------
 
 def _model_dir(args, root: Path) -> str:
-    from sglang_crosspool.testing.checkpoints import make_config_only, make_model
-
+    """CPU: a tiny checkpoint (made with transformers). GPU: the config.json alone, its depth
+    cut to --layers (only config.json is read: no transformers or tokenizer needed there)."""
     if args.device == "cpu":
+        from sglang_crosspool.testing.checkpoints import make_model
+
         return str(make_model(root / "tiny", args.tiny_arch, size="tiny", seed=1))
     src = Path(args.model_config)
     if not (src / "config.json").is_file():
         raise SystemExit(f"--model-config: {src}/config.json not found")
-    return str(make_config_only(root / src.name, src, num_hidden_layers=args.layers))
+    config = json.loads((src / "config.json").read_text())
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    out = root / src.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return str(out)
 
 
 def _config(path: str, args, tp: int, ep: int):
@@ -342,7 +350,7 @@ def _config(path: str, args, tp: int, ep: int):
         load_format="auto" if args.device == "cpu" else "dummy",
         context_length=args.ctx + 64, max_running_requests=max(args.batches),
         kv_budget_bytes=int(float(8 if args.kv_gib == "auto" else args.kv_gib) * 2**30),
-        disable_cuda_graph=True,
+        disable_cuda_graph=True, kv_page_bytes=args.kv_page_bytes,
         moe_small_batch=args.moe_small_batch, attention_backend=args.attention_backend,
         tp_size=tp, ep_size=ep)
 
@@ -366,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="KV pool per rank in GiB, or auto: what the weights leave on the GPU "
                         "less --margin-gib (reported as kv_tokens_capacity)")
     p.add_argument("--margin-gib", type=float, default=6.0)
+    p.add_argument("--kv-page-bytes", type=int, default=None,
+                   help="KV page size (default 2 MiB on CUDA); an MLA model's latent must "
+                        "divide it, e.g. 18874368 for DeepSeek-V2-Lite in bf16")
     p.add_argument("--moe-small-batch", default="off", choices=("auto", "on", "off"),
                    help="the engine's small-batch MoE path (off: the fused-MoE GEMM at "
                         "every batch, the path tested under TP)")
