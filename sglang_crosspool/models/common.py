@@ -15,9 +15,10 @@ Numerics follow transformers' eager implementation (norms in float32, softmax ro
 so that outputs match it token for token.
 
 Tensor / expert parallelism (`models/parallel.py`): both halves take a `ShardPlan` and a rank
-`Group`; each rank loads only its share (heads, intermediate rows, expert slice) and the
-partial outputs of o_proj and of the FFN are summed by one all-reduce each. Without them (the
-default) every collective is the identity and the code is the one-device path.
+`Group`; each rank loads only its share (heads, intermediate rows, expert slice, vocabulary
+rows) and the partial outputs of o_proj and of the FFN are summed by one all-reduce each (the
+embeddings by one more, the logits all-gathered). Without them (the default) every collective
+is the identity and the code is the one-device path.
 """
 
 from __future__ import annotations
