@@ -51,8 +51,8 @@ def parser() -> argparse.ArgumentParser:
                    f"for, unless the traffic file says (default {DEFAULT_MAX_RUNNING})")
     p.add_argument("--monolithic-layout", choices=("packed", "tp"), default="packed",
                    help="monolithic mode: packed (default; each model whole on one GPU, "
-                   "bin-packed, what `launch --plan` serves) or tp (every model over every GPU "
-                   "with attention TP, for comparison)")
+                   "bin-packed) or tp (every model over every GPU with attention TP; `launch "
+                   "--plan` serves it as one worker at --tp-size N)")
     p.add_argument("--out", help="write the plan as JSON here (read back with load_plan)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the report")
     p.add_argument("--brief", action="store_true", help="tables only, without the arithmetic")
