@@ -181,20 +181,20 @@ def test_crosspool_attention_at_tp2(tiny_models, reference, transport):
         Engine(paths[0], device="cpu", tp_size=2, ep_size=2, pool_mode="crosspool")
 
 
-def _agree(rank: int, world: int, init_method: str, statuses: list) -> bool:
+def _agree(rank: int, world: int, init_method: str, cases: list) -> list[bool]:
     from sglang_crosspool.engine.tensor_parallel import agree_on_graphs
 
     group = init_group(rank, world, init_method)
     try:
-        return agree_on_graphs(group, statuses[rank])
+        return [agree_on_graphs(group, statuses[rank]) for statuses in cases]
     finally:
         group.close()
 
 
 def test_ranks_agree_on_graphs():
     """One rank that could not capture makes every rank step eagerly."""
-    assert run_ranks(_agree, 2, args=(["ok", "ok"],)) == [True, True]
-    assert run_ranks(_agree, 2, args=(["ok", "RuntimeError: capture"],)) == [False, False]
+    cases = [["ok", "ok"], ["ok", "RuntimeError: capture"]]
+    assert run_ranks(_agree, 2, args=(cases,)) == [[True, False], [True, False]]
 
 
 def test_vocabulary_tp_size_does_not_divide_stays_whole(tmp_path):
