@@ -281,17 +281,29 @@ def _check_dp(a: argparse.Namespace) -> None:
     if a.plan:
         raise ServerArgsError("--dp-size with --plan is not supported yet: a plan places "
                               "each model on its devices itself")
+    if a.tp_size > 1 or a.ep_size > 1 or a.attention_split != "none":
+        raise ServerArgsError("--dp-size with --tp-size, --ep-size or --attention-split is not "
+                              "supported yet: each replica would put its ranks on the GPUs "
+                              "after its own")
     devices = _devices(a.devices)
     if not devices and a.device.startswith("cuda"):
-        devices = tuple(f"cuda:{i}" for i in range(a.dp_size))
+        first = int(a.device.split(":")[1]) if ":" in a.device else 0
+        devices = tuple(f"cuda:{first + i}" for i in range(a.dp_size))
         a.devices = ",".join(devices)
     if len(devices) != a.dp_size:
         raise ServerArgsError(f"--dp-size {a.dp_size}: needs --devices with {a.dp_size} "
                               f"entries (cpu,cpu,... on CPU), got {len(devices)}")
     if a.pool_mode == "crosspool" and a.ffn_transport not in ("shm", "cuda-ipc"):
         raise ServerArgsError(f"--dp-size {a.dp_size} with crosspool: the replicas share the "
-                              "FFN servers over --ffn-transport shm or cuda-ipc, not "
-                              f"{a.ffn_transport!r}")
+                              "FFN servers over --ffn-transport shm (or cuda-ipc on one GPU), "
+                              f"not {a.ffn_transport!r}")
+    ffn_device = a.ffn_device or devices[0]
+    if a.pool_mode == "crosspool" and a.ffn_transport == "cuda-ipc" and \
+            any(d != ffn_device for d in devices):
+        raise ServerArgsError(f"--dp-size {a.dp_size} with --ffn-transport cuda-ipc: it links "
+                              f"processes on one GPU only, and the replicas run on "
+                              f"{', '.join(devices)} with the FFN servers on {ffn_device}; use "
+                              "--ffn-transport shm")
 
 
 def _tp_flags(a: argparse.Namespace, layout) -> int:
@@ -756,8 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel attention: N attention workers, one per device of "
                         "--devices (default cuda:0..N-1 on CUDA), each serving every model "
                         "with its own KV pool; requests go to the least loaded. In crosspool "
-                        "they share one set of FFN servers (--ffn-transport shm or cuda-ipc), "
-                        "so every expert is held once")
+                        "they share one set of FFN servers (--ffn-transport shm), so every "
+                        "expert is held once. On GPUs give the KV budget "
+                        "(--mem-fraction-static): the default is 256 MiB")
     g.add_argument("--ffn-device", default=None, metavar="DEVICE",
                    help="crosspool: the device of the FFN servers, e.g. cuda:1 with attention "
                         "on cuda:0 (default: --device)")

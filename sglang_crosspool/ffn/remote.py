@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import zmq
@@ -128,6 +129,8 @@ class FFNServerPool:
                             spec.max_top_k, spec.dtype, spec.step_timeout_s)
             if not self._dist:  # CPU: shared-memory segments, made before the servers start
                 shm_arena = self._shm_arena = ShmArena(p2p, f"cp{self.uid}p", create=True)
+        if spec.replicas > 1:  # the other replicas watch this process while they attach
+            Path(spec.link_dir, "replica0.pid").write_text(str(os.getpid()))
         socks = []
         for i in range(spec.servers):
             sock = self.ctx.socket(zmq.PAIR)
@@ -239,6 +242,11 @@ class FFNServerPool:
         for i in dead:
             self.ready[i] = self._await_ready(i, self.links[i].sock)
         return dead
+
+    def drain(self) -> None:
+        """Drops the late answers to a failed step on every link; what was in flight is
+        forgotten."""
+        _drain(self.links)
 
     def set_model(self, name: str, path: str | None, shares=None) -> None:
         """Records the live model set (a model added, or with `path` None removed) in the
@@ -364,6 +372,13 @@ class RemoteFFNExecutor(FFNExecutor):
         return self.broken or self.pool.failure()
 
     def recover(self) -> bool:
+        if self.pool.failure() is None and self.pool.spec.transport in ("shm", "cuda-ipc"):
+            # A step failed (a server answered Failed) but every server runs: drop the late
+            # answers and go on (data-parallel replicas cannot restart servers, this they can).
+            self.pool.drain()
+            self.broken = None
+            self._free_slots = list(range(self.pool.spec.slots))[::-1]
+            return True
         if not self.pool.can_restart():
             return False
         self.pool.restart_dead()
@@ -535,7 +550,12 @@ class AttachedFFNPool:
             self._pids[i] = self.ready[i].pid
 
     def _await_ready(self, i: int, link, deadline: float) -> m.Ready:
+        pid = self.spec.link_dir and _owner_pid(self.spec.link_dir)
         while time.monotonic() < deadline:
+            if pid and not _running(pid):
+                raise FFNServerError(f"replica 0 (pid {pid}), which starts the FFN servers, "
+                                     f"exited before FFN server {i} answered replica "
+                                     f"{self.replica}")
             if link.sock.poll(100):
                 msg = m.decode(link.sock.recv())
                 if isinstance(msg, m.IpcHandles):
@@ -565,6 +585,9 @@ class AttachedFFNPool:
     def restart_dead(self) -> list[int]:
         raise FFNServerError("a data-parallel replica cannot restart FFN servers")
 
+    def drain(self) -> None:
+        _drain(self.links)
+
     def set_model(self, name: str, path: str | None, shares=None) -> None:
         raise FFNServerError("a data-parallel replica does not change the FFN servers' models")
 
@@ -577,6 +600,21 @@ class AttachedFFNPool:
             link.sock.close(linger=0)
         self.links = []
         self.ctx.term()
+
+
+def _drain(links) -> None:
+    for link in links:
+        while link.sock.poll(200):
+            link.sock.recv()
+        link.reconnect(link.sock)
+
+
+def _owner_pid(link_dir: str) -> int | None:
+    """Replica 0's pid, which it writes into the link folder before starting the servers."""
+    try:
+        return int(Path(link_dir, "replica0.pid").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _running(pid: int) -> bool:

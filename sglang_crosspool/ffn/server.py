@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -326,15 +327,17 @@ def _loop(sock, endpoint, models: ModelSet, replicas: list[Replica] = ()) -> Non
     for r in replicas:
         poller.register(r.sock, zmq.POLLIN)
         replica_of[r.sock] = r
+    checked = time.monotonic()
     with torch.inference_mode():
         while True:
             models.finish()
             ready = dict(poller.poll(LOAD_POLL_MS if models.busy else 1000))
-            if not ready:
+            # NOTE: checked while busy too: other replicas may keep an orphan busy.
+            if not ready or time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
                 if os.getppid() != parent:
                     log.error("parent process %d is gone; exiting", parent)
                     return
-                continue
             for s in ready:
                 msg = m.decode(s.recv())
                 replica = replica_of.get(s)
@@ -344,7 +347,12 @@ def _loop(sock, endpoint, models: ModelSet, replicas: list[Replica] = ()) -> Non
                     if not models.handle(msg):
                         _forward(s, endpoint, halves, msg)
                 elif isinstance(msg, m.Attach):
-                    replica.attach()
+                    try:
+                        replica.attach()
+                    except Exception:  # that replica only: the others keep their link
+                        log.exception("replica %d could not attach", replica.client["replica"])
+                        poller.unregister(s)
+                        replica.close()
                 else:
                     _forward(s, replica.endpoint, halves, msg)
 

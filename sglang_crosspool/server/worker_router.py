@@ -245,11 +245,17 @@ class WorkerRouterClient(EngineClient):
 
     def _add(self, msg: AddRequests) -> None:
         rids = [r.rid for r in msg.requests]
+        if len(set(rids)) != len(rids):  # checked here: replicas would each see only a part
+            self._deliver(AddResults(rids, "rid: the request ids of one batch must differ", 400))
+            return
         groups: dict[int, list] = {}
         for req in msg.requests:
             # unknown model: the first worker's validation names it
             serving = self.owners.get(req.model) or [self.workers[0]]
             live = [w for w in serving if w.dead is None]
+            # a replica that refuses everything (its weights pool failed) has nothing in
+            # flight: it would win every choice; the others go first
+            live = [w for w in live if not w.stats.get("unavailable")] or live
             if not live:
                 for x in self.workers:
                     x.rids.difference_update(rids)
@@ -350,7 +356,7 @@ class WorkerRouterClient(EngineClient):
             merged["pid"] = results[0].get("pid")
             return merged
         if kind == "health":
-            down = [w.dead for w in self.workers if w.dead]
+            down = self._down()
             down += [r["unavailable"] for r in results if r.get("unavailable")]
             return {"unavailable": "; ".join(down) or None}
         if kind == "flush_cache":
@@ -358,6 +364,12 @@ class WorkerRouterClient(EngineClient):
             return {"success": ok, "message": "; ".join(r.get("message", "") for r in results
                                                         if r.get("message"))}
         return results[0]
+
+    def _down(self) -> list[str]:
+        """Dead workers that leave a model with no live worker (a dead data-parallel replica
+        whose models the others serve does not make the server unavailable)."""
+        return [w.dead for w in self.workers if w.dead and (not w.models or any(
+            all(o.dead for o in self.owners.get(name, [w])) for name in w.models))]
 
     def _worker_died(self, w: _Worker, why: str) -> None:
         if w.dead is not None:
@@ -381,8 +393,13 @@ class WorkerRouterClient(EngineClient):
                 self._deliver(ControlResult(cid, self._merge_results(kind, results)
                                             if results else {"error": w.dead}))
         self._deliver(BatchOutput(updates, self.merged_stats()))
+        if self.config.dp_size > 1 and self.config.pool_mode == "crosspool" and w.index == 0:
+            # Replica 0 started the FFN servers the others share: they go with it.
+            for x in self.workers:
+                self._worker_died(x, f"replica 0, whose FFN servers it shares, is gone ({why})")
         if all(x.dead is not None for x in self.workers) and self._on_dead is not None:
-            self._on_dead("every attention worker is gone; the last: " + why)
+            on_dead, self._on_dead = self._on_dead, None  # once
+            on_dead("every attention worker is gone; the last: " + why)
 
     # -- stats ------------------------------------------------------------------------------
 
@@ -415,7 +432,7 @@ class WorkerRouterClient(EngineClient):
              "device_memory": s.get("device_memory", {})}
             for w, s in zip(self.workers, per_worker)]
         merged["unavailable"] = "; ".join(x for x in (
-            [w.dead for w in self.workers if w.dead] +
+            self._down() +
             [s.get("unavailable") for s in per_worker if s.get("unavailable")])) or None
         return merged
 

@@ -186,16 +186,35 @@ def test_a_killed_replica_ends_its_requests_and_the_other_serves_every_model(
         ok = server.post("/generate", json={"model": name, "input_ids": [1, 2],
                                             "sampling_params": GREEDY})
         assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 8, ok.text
+    assert server.get("/health").status_code == 200  # every model still has a live replica
     holder.join(timeout=300)
     done = [line for line in kept if '"finish_reason": {"type": "length"' in line]
     assert done and "is gone" not in "\n".join(kept), kept[-3:]  # worker 0's request ended well
 
 
+def test_replica_0_takes_the_shared_ffn_servers_and_the_other_replicas_with_it(
+        two_models, launch_server):
+    server = launch_server(two_models, "--devices", "cpu,cpu", "--dp-size", "2", *CROSSPOOL)
+    dup = server.post("/generate", json={"model": "qwen", "input_ids": [[1, 2], [3, 4]],
+                                         "rid": ["a", "a"], "sampling_params": GREEDY})
+    assert dup.status_code == 400 and "must differ" in dup.text, dup.text
+    owner = next(w for w in server.internal_state()["workers"] if w["index"] == 0)
+    os.kill(owner["pid"], signal.SIGKILL)
+    # Nothing is left to serve: the server says so and exits, rather than routing requests to
+    # a replica whose FFN servers are gone.
+    server.proc.wait(timeout=60)
+    assert server.proc.returncode not in (None, 0)
+    assert "replica 0" in server.log.read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dp-size", "3", "--devices", "cpu,cpu"], "needs --devices with 3 entries"),
     (["--dp-size", "2", "--devices", "cpu,cpu", "--pool-mode", "crosspool"],
-     "--ffn-transport shm or cuda-ipc"),
+     "--ffn-transport shm (or cuda-ipc on one GPU)"),
     (["--dp-size", "0"], "must be >= 1"),
+    (["--dp-size", "2", "--devices", "cuda:0,cuda:1", "--pool-mode", "crosspool",
+      "--ffn-transport", "cuda-ipc", "--ffn-device", "cuda:1"], "links processes on one GPU"),
+    (["--dp-size", "2", "--devices", "cpu,cpu", "--tp-size", "2"], "--dp-size with --tp-size"),
 ])
 def test_a_dp_size_the_server_cannot_run_is_refused(two_models, argv, message, capsys):
     with pytest.raises(SystemExit):
