@@ -1,4 +1,5 @@
-"""Data-parallel attention sharing one weights pool (issue 11), on two GPUs or CPU stand-ins.
+"""Layouts of one server over two GPUs (or CPU stand-ins), same models, same burst: data-
+parallel attention sharing one weights pool (issue 11), tensor / expert parallelism (issue 21).
 
     python benchmark/dp_gpu_run.py --out dp.json                       # 2 GPUs
     python benchmark/dp_gpu_run.py --device cpu --out /tmp/dp.json     # CPU: tiny models
@@ -8,7 +9,11 @@ greedy streams spread over them:
 - `crosspool-dp1`: one attention worker (device 0) and its FFN server (device 1);
 - `crosspool-dp2`: attention workers on devices 0 and 1 (`--dp-size 2`), both linked to one FFN
   server on device 1 (shm): the experts are held once;
-- `monolithic-dp2`: each device holds every model whole (`--dp-size 2`), for comparison.
+- `monolithic-dp2`: each device holds every model whole (`--dp-size 2`), for comparison;
+- `monolithic-tp1` / `-tp2` / `-ep2`: one worker, every model on device 0, or over both devices
+  at `--tp-size 2` (`--ep-size 2`: experts divided instead of split).
+Each layout also answers 4 greedy prompts of 32 tokens; the report gives, per layout, how many
+leading tokens match the first layout's (bf16 sums in another order may flip a near tie).
 Recorded: statuses, tokens per second over the burst, time between stream chunks (p50/p99;
 a chunk carries one token or, when the client lags, more), per
 worker its models, KV pages, attention bytes, the FFN bytes it sees per server and the device
@@ -44,7 +49,31 @@ def layouts(devices: list[str]) -> dict[str, tuple[str, list[str]]]:
         "crosspool-dp1": ("crosspool", ["--device", d0, *shm]),
         "crosspool-dp2": ("crosspool", ["--devices", f"{d0},{d1}", "--dp-size", "2", *shm]),
         "monolithic-dp2": ("monolithic", ["--devices", f"{d0},{d1}", "--dp-size", "2"]),
+        "monolithic-tp1": ("monolithic", ["--device", d0]),
+        "monolithic-tp2": ("monolithic", ["--device", d0, "--tp-size", "2"]),
+        "monolithic-ep2": ("monolithic", ["--device", d0, "--tp-size", "2", "--ep-size", "2"]),
     }
+
+
+def greedy(url: str, models: list[str]) -> dict:
+    out = {}
+    for m in models:
+        r = httpx.post(url + "/generate", timeout=600, json={
+            "model": m, "input_ids": [[5, 6, 7, 8], list(range(40, 90)), [3] * 20, [9, 1000]],
+            "sampling_params": {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}})
+        out[m] = [o["output_ids"] for o in r.json()] if r.status_code == 200 else r.text
+    return out
+
+
+def matching(a: dict, b: dict) -> dict:
+    """Per model, the matching leading tokens of each prompt's output."""
+    def prefix(x, y):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        return n
+    return {m: [prefix(x, y) for x, y in zip(a[m], b.get(m, []))]
+            if isinstance(a.get(m), list) and isinstance(b.get(m), list) else None for m in a}
 
 
 def burst(url: str, models: list[str], requests: int, max_tokens: int) -> dict:
@@ -137,6 +166,11 @@ def main() -> None:
             for m in models:  # warm: first-use compilation out of the burst
                 httpx.post(server.url + "/generate", timeout=600, json={
                     "model": m, "input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}})
+            entry["greedy"] = greedy(server.url, list(models))
+            first = next(iter(report["layouts"].values()))
+            if first is not entry and "greedy" in first:
+                entry["greedy_matching_prefix_vs_first"] = matching(first["greedy"],
+                                                                    entry["greedy"])
             entry["burst"] = burst(server.url, list(models), a.requests, a.max_tokens)
             state = httpx.get(server.url + "/server_info", timeout=60).json()
             state = state["internal_states"][0]

@@ -124,8 +124,9 @@ def _rank(rank: int, world: int, init_method: str, config, args: dict) -> dict:
         kv = pool.models[entry.name]
         out["kv_pool_bytes"] = pool.total_pages * pool.page_bytes
         # Tokens of KV this rank's pool holds (every rank holds the same tokens).
-        out["kv_tokens_capacity"] = min(pool.total_pages // kv.pages_per_block,
-                                        kv.num_blocks) * kv.block_tokens
+        # (the model's virtual range, context x max running, may hold fewer: kv_tokens_virtual)
+        out["kv_tokens_capacity"] = pool.total_pages // kv.pages_per_block * kv.block_tokens
+        out["kv_tokens_virtual"] = kv.num_blocks * kv.block_tokens
         if on_cuda:
             out["memory_allocated_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
         rows = {}
@@ -348,7 +349,9 @@ def _config(path: str, args, tp: int, ep: int):
         path, device="cpu" if args.device == "cpu" else "cuda:0",
         dtype="float32" if args.device == "cpu" else "bfloat16",
         load_format="auto" if args.device == "cpu" else "dummy",
-        context_length=args.ctx + 64, max_running_requests=max(args.batches),
+        # room for one whole KV block per sequence at any TP (a block holds up to 4096 tokens
+        # of a 2 MiB page here): the virtual range is context x max running
+        context_length=args.ctx + 4096, max_running_requests=max(args.batches),
         kv_budget_bytes=int(float(8 if args.kv_gib == "auto" else args.kv_gib) * 2**30),
         disable_cuda_graph=True, kv_page_bytes=args.kv_page_bytes,
         moe_small_batch=args.moe_small_batch, attention_backend=args.attention_backend,

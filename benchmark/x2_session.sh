@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/out STAGE=a WHL=.whl bash benchmark/x2_session.sh   # dp + tp
 #   OUT=/tmp/out STAGE=b WHL=.whl bash benchmark/x2_session.sh   # seq split (DP_TOO=1: dp first)
+#   OUT=/tmp/out STAGE=c WHL=.whl bash benchmark/x2_session.sh   # tp again + served at TP 2 / EP 2
 #
 # Each step has its own time limit; everything lands in $OUT, packed into $OUT/all.tgz too.
 set -uo pipefail
@@ -30,6 +31,14 @@ if [ "$STAGE" = a ]; then
   step tp-mixtral "${MIX_LIMIT:-170}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp-mixtral.json" \
     --model-config tests/data/model-configs/Mixtral-8x7B-v0.1 --layers 32 --modes tp1,tp2 \
     --kv-gib auto --batches 1,16
+elif [ "$STAGE" = c ]; then  # tensor / expert parallelism again, and served through the server
+  step tp "${TP_LIMIT:-180}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp.json" ${TP_ARGS:-}
+  step tp-mixtral "${MIX_LIMIT:-100}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp-mixtral.json" \
+    --model-config tests/data/model-configs/Mixtral-8x7B-v0.1 --layers 32 --modes tp1,tp2 \
+    --kv-gib auto --batches 1,16 --no-symm-mem
+  step serve-tp "${SERVE_LIMIT:-180}" python3 benchmark/dp_gpu_run.py --out "$OUT/serve-tp.json" \
+    --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 --max-tokens 64 \
+    --layouts monolithic-tp1,monolithic-tp2,monolithic-ep2
 else
   [ -n "${DP_TOO:-}" ] && step dp "${DP_LIMIT:-150}" python3 benchmark/dp_gpu_run.py \
     --out "$OUT/dp.json" --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 \
