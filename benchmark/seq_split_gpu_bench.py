@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the repository root, for benchmark.gpu_env
     sys.path.insert(0, str(ROOT))
 
-from benchmark.gpu_env import setup_paths
-from benchmark.mla_gpu_check import build_checkpoint, page_bytes_for
+from benchmark.gpu_env import setup_paths  # noqa: E402
+from benchmark.mla_gpu_check import build_checkpoint, page_bytes_for  # noqa: E402
 
 NEW_TOKENS = 4
 
