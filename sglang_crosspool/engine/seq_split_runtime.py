@@ -37,11 +37,11 @@ from sglang_crosspool.engine.tensor_parallel import (
     TPEngineCore,
     TPFFNExecutor,
     TPFollower,
-    _exit_with_parent,
     add_kv,
     make_kv_pool,
     make_runner,
     rank_device,
+    run_follower,
 )
 from sglang_crosspool.ffn.executor import FFNExecutor
 from sglang_crosspool.ffn.factory import make_ffn_executor
@@ -214,26 +214,7 @@ class SeqSplitFollower(TPFollower):
 def follower_main(rank: int, world_size: int, init_method: str, config: EngineConfig,
                   parent_pid: int) -> None:
     """A follower process: join, load, answer rank 0's start-up handshake, mirror its steps."""
-    logging.basicConfig(level=logging.INFO,
-                        format=f"[%(asctime)s seq-rank-{rank}] %(levelname)s %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-    _exit_with_parent(parent_pid)
-    group = init_group(rank, world_size, init_method, rank_device(config, rank),
-                       timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
-    follower, error = None, None
-    try:
-        follower = SeqSplitFollower(config, group)
-    except Exception as e:  # reported to rank 0 in the handshake
-        log.exception("loading the model failed")
-        error = f"{type(e).__name__}: {e}"
-    failed = False
-    for src in range(world_size):  # TPEngineCore._check_ranks
-        said = group.broadcast_object(error if src == rank else None, src=src)
-        failed = failed or said is not None
-    if failed:
-        os._exit(1)
-    follower.run()
-    group.close()
+    run_follower(rank, world_size, init_method, config, parent_pid, "seq", SeqSplitFollower)
 
 
 __all__ = ["SeqSplitEngineCore", "SeqSplitFollower"]

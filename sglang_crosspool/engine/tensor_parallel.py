@@ -414,26 +414,41 @@ class TPFollower:
 def follower_main(rank: int, world_size: int, init_method: str, config: EngineConfig,
                   parent_pid: int) -> None:
     """A follower process: join the group, load its shards, say so, mirror rank 0's steps."""
+    def graphs_agreed(follower: TPFollower, group) -> None:
+        if follower.graph_status is not None and not agree_on_graphs(group,
+                                                                    follower.graph_status):
+            follower.graphs = {}
+
+    run_follower(rank, world_size, init_method, config, parent_pid, "tp", TPFollower,
+                 graphs_agreed)
+
+
+def run_follower(rank: int, world_size: int, init_method: str, config: EngineConfig,
+                 parent_pid: int, label: str, make, after_handshake=None) -> None:
+    """The body of a follower process (TP here, the sequence split's too): join the group,
+    build the follower (`make(config, group)`), answer rank 0's start-up handshake
+    (TPEngineCore._check_ranks: every rank says its load error or None), then mirror rank
+    0's steps until it says stop."""
     logging.basicConfig(level=logging.INFO,
-                        format=f"[%(asctime)s tp-rank-{rank}] %(levelname)s %(message)s")
+                        format=f"[%(asctime)s {label}-rank-{rank}] %(levelname)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     _exit_with_parent(parent_pid)
     group = init_group(rank, world_size, init_method, rank_device(config, rank),
                        timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
     follower, error = None, None
     try:
-        follower = TPFollower(config, group)
+        follower = make(config, group)
     except Exception as e:  # reported to rank 0 in the handshake
-        log.exception("loading the shards failed")
+        log.exception("loading this rank's weights failed")
         error = f"{type(e).__name__}: {e}"
     failed = False
-    for src in range(world_size):  # the handshake of TPEngineCore._check_ranks
+    for src in range(world_size):
         said = group.broadcast_object(error if src == rank else None, src=src)
         failed = failed or said is not None
     if failed:
         os._exit(1)
-    if follower.graph_status is not None and not agree_on_graphs(group, follower.graph_status):
-        follower.graphs = {}
+    if after_handshake is not None:
+        after_handshake(follower, group)
     follower.run()
     group.close()
 
