@@ -215,16 +215,7 @@ class KVPool:
     def replay(self, journal: list) -> None:
         """Applies another pool's recorded block operations to this one (same models, same
         budget, same history: so each allocation yields the same blocks, which is checked)."""
-        for op, model, blocks in journal:
-            if op == "alloc":
-                got = self.alloc_blocks(model, len(blocks))
-                if got != blocks:
-                    raise KVPoolError(f"model {model}: replayed allocation gave blocks {got}, "
-                                      f"the recording pool {blocks} (the pools diverged)")
-            elif op == "retain":
-                self.retain(model, blocks)
-            else:
-                self.free_blocks(model, blocks)
+        replay_journal(self, journal, "the recording pool")
 
     def refill(self) -> int:
         """Creates pages until the reserve is full (or the budget is all created); returns how
@@ -286,3 +277,18 @@ class KVPool:
             "total_bytes": self.total_pages * self.page_bytes,
             "models": models,
         }
+
+
+def replay_journal(pool, journal: list, source: str) -> None:
+    """Applies recorded block operations ("alloc" | "retain" | "free", model, blocks) to
+    `pool`; an allocation must give the blocks it gave `source`."""
+    for op, model, blocks in journal:
+        if op == "alloc":
+            got = pool.alloc_blocks(model, len(blocks))
+            if got != blocks:
+                raise KVPoolError(f"model {model}: replayed allocation gave blocks {got}, "
+                                  f"{source} {blocks} (the books diverged)")
+        elif op == "retain":
+            pool.retain(model, blocks)
+        else:
+            pool.free_blocks(model, blocks)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_crosspool.memory.kv_pool import KVPool, KVPoolError, ModelKV
+from sglang_crosspool.memory.kv_pool import KVPool, KVPoolError, ModelKV, replay_journal
 from sglang_crosspool.memory.page_backend import PageBackend, VirtualRange
 
 
@@ -205,16 +205,7 @@ class SplitKVPool:
     def replay(self, journal: list) -> None:
         """Applies rank 0's recorded operations (a follower that runs no scheduler): the same
         books give the same placement, which is checked."""
-        for op, model, blocks in journal:
-            if op == "alloc":
-                got = self.alloc_blocks(model, len(blocks))
-                if got != blocks:
-                    raise KVPoolError(f"model {model}: replayed allocation gave blocks {got}, "
-                                      f"rank 0 {blocks} (the ranks' books diverged)")
-            elif op == "retain":
-                self.retain(model, blocks)
-            else:
-                self.free_blocks(model, blocks)
+        replay_journal(self, journal, "rank 0")
 
     # -- accounting -------------------------------------------------------------------------
 
