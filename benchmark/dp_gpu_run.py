@@ -11,7 +11,8 @@ greedy streams spread over them:
   server on device 1 (shm): the experts are held once;
 - `monolithic-dp2`: each device holds every model whole (`--dp-size 2`), for comparison;
 - `monolithic-tp1` / `-tp2` / `-ep2`: one worker, every model on device 0, or over both devices
-  at `--tp-size 2` (`--ep-size 2`: experts divided instead of split).
+  at `--tp-size 2` (`--ep-size 2`: experts divided instead of split; `-tp2-symm`: the
+  all-reduces through symmetric memory, `--tp-all-reduce symm-mem`).
 Each layout also answers 4 greedy prompts of 32 tokens; the report gives, per layout, how many
 leading tokens match the first layout's (bf16 sums in another order may flip a near tie).
 Recorded: statuses, tokens per second over the burst, time between stream chunks (p50/p99;
@@ -52,6 +53,8 @@ def layouts(devices: list[str]) -> dict[str, tuple[str, list[str]]]:
         "monolithic-tp1": ("monolithic", ["--device", d0]),
         "monolithic-tp2": ("monolithic", ["--device", d0, "--tp-size", "2"]),
         "monolithic-ep2": ("monolithic", ["--device", d0, "--tp-size", "2", "--ep-size", "2"]),
+        "monolithic-tp2-symm": ("monolithic", ["--device", d0, "--tp-size", "2",
+                                               "--tp-all-reduce", "symm-mem"]),
     }
 
 

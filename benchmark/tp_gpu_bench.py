@@ -65,14 +65,21 @@ DEFAULT_MODES = "tp1,tp2,ep2,tp1+graph,tp2+graph,ep2+graph"
 
 
 def mode_sizes(name: str, ranks: int) -> tuple[int, int, bool]:
-    """tpN / epN (+graph) -> (tp_size, ep_size, graph); a bare tp / ep takes --ranks."""
-    base, _, suffix = name.partition("+")
+    """tpN / epN (+graph) (+symm) -> (tp_size, ep_size, graph); a bare tp / ep takes
+    --ranks. `+symm`: the ranks' all-reduce through symmetric memory (--tp-all-reduce
+    symm-mem; `mode_symm`)."""
+    base, *suffixes = name.split("+")
     kind, digits = base[:2], base[2:]
-    if kind not in ("tp", "ep") or suffix not in ("", "graph") or \
+    if kind not in ("tp", "ep") or not set(suffixes) <= {"graph", "symm"} or \
             (digits and not digits.isdigit()) or int(digits or ranks) < 1:
-        raise SystemExit(f"--modes: {name!r} is not tpN or epN, optionally with +graph")
-    n = int(digits or ranks)
-    return (n, 1, bool(suffix)) if kind == "tp" else (n, n, bool(suffix))
+        raise SystemExit(f"--modes: {name!r} is not tpN or epN, optionally with +graph "
+                         "and +symm")
+    n, graph = int(digits or ranks), "graph" in suffixes
+    return (n, 1, graph) if kind == "tp" else (n, n, graph)
+
+
+def mode_symm(name: str) -> bool:
+    return "symm" in name.split("+")[1:]
 
 
 # -- one rank (a spawned process) -------------------------------------------------------------
@@ -84,6 +91,7 @@ def _rank(rank: int, world: int, init_method: str, config, args: dict) -> dict:
     from sglang_crosspool.engine.tensor_parallel import (
         TPFFNExecutor,
         add_kv,
+        choose_all_reduce,
         load_shard,
         make_kv_pool,
         make_runner,
@@ -98,7 +106,9 @@ def _rank(rank: int, world: int, init_method: str, config, args: dict) -> dict:
     else:
         torch.set_num_threads(1)
     group = init_group(rank, world, init_method, device, timeout_s=300)
-    out = {"rank": rank, "device": str(device)}
+    choose_all_reduce(config, group)
+    out = {"rank": rank, "device": str(device),
+           "symm_all_reduce": getattr(group, "_symm", None) is not None}
     try:
         entry = config.models[0]
         spec = entry.spec
@@ -421,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 config = _config(path, args, tp, ep)
+                if mode_symm(name):
+                    config = dataclasses.replace(config, tp_all_reduce="symm-mem")
                 ranks = run_ranks(_rank, tp, args=(config, {
                     "batches": args.batches, "ctx": args.ctx, "iters": args.iters,
                     "warmup": args.warmup, "kv_gib": args.kv_gib, "graph": graph,

@@ -6,6 +6,7 @@
 #   OUT=/tmp/out STAGE=a WHL=.whl bash benchmark/x2_session.sh   # dp + tp
 #   OUT=/tmp/out STAGE=b WHL=.whl bash benchmark/x2_session.sh   # seq split (DP_TOO=1: dp first)
 #   OUT=/tmp/out STAGE=c WHL=.whl bash benchmark/x2_session.sh   # tp again + served at TP 2 / EP 2
+#   OUT=/tmp/out STAGE=d WHL=.whl bash benchmark/x2_session.sh   # symmetric-memory all-reduce
 #
 # Each step has its own time limit; everything lands in $OUT, packed into $OUT/all.tgz too.
 set -uo pipefail
@@ -39,6 +40,12 @@ elif [ "$STAGE" = c ]; then  # tensor / expert parallelism again, and served thr
   step serve-tp "${SERVE_LIMIT:-180}" python3 benchmark/dp_gpu_run.py --out "$OUT/serve-tp.json" \
     --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 --max-tokens 64 \
     --layouts monolithic-tp1,monolithic-tp2,monolithic-ep2
+elif [ "$STAGE" = d ]; then  # the all-reduce through symmetric memory against NCCL
+  step tp-symm "${TP_LIMIT:-120}" python3 benchmark/tp_gpu_bench.py --out "$OUT/tp-symm.json" \
+    --modes tp1+graph,tp2+graph,tp2+graph+symm,ep2+graph,ep2+graph+symm --no-symm-mem
+  step serve-symm "${SERVE_LIMIT:-120}" python3 benchmark/dp_gpu_run.py --out "$OUT/serve-symm.json" \
+    --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 --max-tokens 64 \
+    --layouts monolithic-tp2,monolithic-tp2-symm
 else
   [ -n "${DP_TOO:-}" ] && step dp "${DP_LIMIT:-150}" python3 benchmark/dp_gpu_run.py \
     --out "$OUT/dp.json" --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 \

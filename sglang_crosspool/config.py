@@ -108,6 +108,9 @@ class EngineConfig:
     # engine/seq_split.py); head is tensor parallelism with the KV heads divided (tp_size).
     attention_split: str = "none"
     attention_split_size: int = 1
+    # The TP ranks' all-reduce (--tp-all-reduce): nccl, or symm-mem (torch symmetric memory,
+    # two-shot, for bf16 tensors up to 2 MiB: decode steps; larger ones stay on NCCL).
+    tp_all_reduce: str = "nccl"
 
     @property
     def torch_dtype(self) -> torch.dtype:

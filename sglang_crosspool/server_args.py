@@ -97,6 +97,7 @@ class ServerArgs:
     attention_split_size: int = 1
     tp_size: int = 1  # tensor parallelism: every model over --device and the next tp_size-1
     ep_size: int = 1  # expert groups among the tp_size ranks (expert parallelism)
+    tp_all_reduce: str = "nccl"  # nccl | symm-mem (--tp-all-reduce)
     kv_pages: int | None = None
     kv_page_bytes: int | None = None
     kv_budget_bytes: int = 256 << 20
@@ -165,6 +166,8 @@ class ServerArgs:
             config = dataclasses.replace(config, kv_pages=pages)
         if self.dp_size > 1:
             config = dataclasses.replace(config, dp_size=self.dp_size, ffn_link_dir=self.ipc_dir)
+        if self.tp_all_reduce != config.tp_all_reduce:
+            config = dataclasses.replace(config, tp_all_reduce=self.tp_all_reduce)
         return config
 
     # -- parsing ---------------------------------------------------------------------------
@@ -261,7 +264,7 @@ class ServerArgs:
             device_kv_pages=layout.kv_pages, plan_device_index=layout.plan_index,
             pipeline_microbatches=a.pipeline_microbatches, pipeline_models=a.pipeline_models,
             attention_split=a.attention_split, attention_split_size=a.attention_split_size,
-            tp_size=_tp_flags(a, layout), ep_size=a.ep_size,
+            tp_size=_tp_flags(a, layout), ep_size=a.ep_size, tp_all_reduce=a.tp_all_reduce,
             kv_pages=a.kv_pages,
             kv_page_bytes=a.kv_page_bytes, kv_budget_bytes=budget,
             kv_page_backend=a.kv_page_backend, kv_reserve_pages=a.kv_reserve_pages,
@@ -679,6 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "replicated where fewer than N), dense weights and every expert's "
                         "intermediate rows split, two all-reduces per layer; static and "
                         "monolithic pool modes")
+    g.add_argument("--tp-all-reduce", default="nccl", choices=("nccl", "symm-mem"),
+                   help="the TP ranks' all-reduce: nccl, or symm-mem (torch symmetric memory "
+                        "over NVLink, two-shot, multicast off) for bf16 tensors up to 2 MiB "
+                        "(decode steps), NCCL above; falls back to NCCL where it is missing")
     g.add_argument("--ep-size", "--expert-parallel-size", type=int, default=1, metavar="N",
                    help="expert parallelism within the --tp-size ranks: N groups, each "
                         "holding a contiguous slice of the routed experts (N divides "

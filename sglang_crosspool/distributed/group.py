@@ -86,8 +86,38 @@ class TorchGroup(Group):
         self.world_size = world_size
         self.device = device
         self._cpu_group = cpu_group  # None: the default group is gloo already
+        self._symm = None  # (buffer, group name): all-reduces through symmetric memory
+
+    def enable_symm_mem(self, max_bytes: int = 2 << 20) -> str | None:
+        """Collective, at start-up (before any graph capture): all-reduces of bf16 tensors up
+        to `max_bytes` go through a torch symmetric-memory buffer (two-shot, peer loads and
+        stores over NVLink, multicast off) instead of NCCL; larger ones, and other dtypes,
+        stay on NCCL. Returns None when on, else why not (then everything stays on NCCL)."""
+        if self.device.type != "cuda":
+            return "symmetric memory needs CUDA"
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            name = self._dist.group.WORLD.group_name
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch needs it
+                symm_mem.enable_symm_mem_for_group(name)
+            buf = symm_mem.empty(max_bytes // 2, dtype=torch.bfloat16, device=self.device)
+            symm_mem.rendezvous(buf, name)
+        except Exception as e:  # noqa: BLE001 - no symmetric memory here: NCCL it is
+            return f"{type(e).__name__}: {e}"
+        self._symm = (buf, name)
+        return None
 
     def all_reduce(self, t):
+        if self._symm is not None and t.dtype == torch.bfloat16 and t.is_contiguous():
+            buf, name = self._symm
+            n = t.numel()
+            if n <= buf.numel() and n % (8 * self.world_size) == 0:  # 16-byte pieces a rank
+                view = buf[:n]
+                view.copy_(t.view(-1))
+                torch.ops.symm_mem.two_shot_all_reduce_(view, "sum", name)
+                t.view(-1).copy_(view)
+                return t
         self._dist.all_reduce(t)
         return t
 

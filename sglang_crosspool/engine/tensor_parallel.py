@@ -244,8 +244,10 @@ class TPEngineCore(EngineCore):
         self.procs = start_ranks(follower_main, config.tp_size, init_method,
                                  args=(config, os.getpid()), name="tp-rank")
         try:
-            return init_group(0, config.tp_size, init_method, rank_device(config, 0),
-                              timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+            group = init_group(0, config.tp_size, init_method, rank_device(config, 0),
+                               timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+            choose_all_reduce(config, group)
+            return group
         except BaseException:
             for proc in self.procs:  # they would wait for the rendezvous until its timeout
                 proc.kill()
@@ -435,6 +437,7 @@ def run_follower(rank: int, world_size: int, init_method: str, config: EngineCon
     _exit_with_parent(parent_pid)
     group = init_group(rank, world_size, init_method, rank_device(config, rank),
                        timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+    choose_all_reduce(config, group)
     follower, error = None, None
     try:
         follower = make(config, group)
@@ -451,6 +454,18 @@ def run_follower(rank: int, world_size: int, init_method: str, config: EngineCon
         after_handshake(follower, group)
     follower.run()
     group.close()
+
+
+def choose_all_reduce(config: EngineConfig, group) -> None:
+    """--tp-all-reduce symm-mem: every rank, right after joining (collective), switches the
+    group's small bf16 all-reduces to symmetric memory; where that fails, NCCL stays."""
+    if config.tp_all_reduce != "symm-mem" or group.world_size == 1:
+        return
+    why = group.enable_symm_mem()
+    if why is None:
+        log.info("all-reduces of up to 2 MiB through symmetric memory")
+    else:
+        log.warning("symmetric-memory all-reduce unavailable (%s); NCCL all-reduce", why)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

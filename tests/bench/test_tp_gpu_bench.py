@@ -15,12 +15,14 @@ from benchmark import tp_gpu_bench
 def test_cpu_run_measures_every_mode(tmp_path):
     out = tmp_path / "tp.json"
     rc = tp_gpu_bench.main(["--device", "cpu", "--out", str(out), "--batches", "1,3",
-                            "--iters", "1", "--modes", "tp1,tp2,ep2"])
+                            "--iters", "1", "--modes", "tp1,tp2,ep2,tp2+symm"])
     data = json.loads(out.read_text())
     assert rc == 0 and data["failed"] == [], data["failed"]
     table = data["summary"]["decode_step_ms_by_batch"]
-    assert set(table) == {"1", "3"} and all(set(row) == {"tp1", "tp2", "ep2"}
+    assert set(table) == {"1", "3"} and all(set(row) == {"tp1", "tp2", "ep2", "tp2+symm"}
                                             for row in table.values())
+    # No symmetric memory on CPU: +symm falls back to the group's own all-reduce.
+    assert [r["symm_all_reduce"] for r in data["modes"]["tp2+symm"]["per_rank"]] == [False] * 2
     for mode in data["modes"].values():
         for rank in mode["per_rank"]:
             assert all(row["finite"] for row in rank["batches"].values())

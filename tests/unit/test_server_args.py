@@ -184,3 +184,11 @@ def test_moe_small_batch_flag(ckpts):
     assert a.moe_small_batch == "off" and a.engine_config().moe_small_batch == "off"
     with pytest.raises(SystemExit):
         parse("--model-path", ckpts["qwen3_moe"], "--moe-small-batch", "always")
+
+
+def test_tp_all_reduce_flag(ckpts):
+    assert parse("--model-path", ckpts["qwen3_moe"]).engine_config().tp_all_reduce == "nccl"
+    a = parse("--model-path", ckpts["qwen3_moe"], "--tp-all-reduce", "symm-mem")
+    assert a.engine_config().tp_all_reduce == "symm-mem"
+    with pytest.raises(SystemExit):
+        parse("--model-path", ckpts["qwen3_moe"], "--tp-all-reduce", "custom")
