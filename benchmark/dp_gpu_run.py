@@ -10,6 +10,8 @@ greedy streams spread over them:
 - `crosspool-dp2`: attention workers on devices 0 and 1 (`--dp-size 2`), both linked to one FFN
   server on device 1 (shm): the experts are held once;
 - `monolithic-dp2`: each device holds every model whole (`--dp-size 2`), for comparison;
+- `crosspool-ipc-dp1` / `-dp2`: one GPU, one or two attention workers on device 0 and one FFN
+  server there, over cuda-ipc;
 - `monolithic-tp1` / `-tp2` / `-ep2`: one worker, every model on device 0, or over both devices
   at `--tp-size 2` (`--ep-size 2`: experts divided instead of split; `-tp2-symm`: the
   all-reduces through symmetric memory, `--tp-all-reduce symm-mem`).
@@ -50,6 +52,11 @@ def layouts(devices: list[str]) -> dict[str, tuple[str, list[str]]]:
         "crosspool-dp1": ("crosspool", ["--device", d0, *shm]),
         "crosspool-dp2": ("crosspool", ["--devices", f"{d0},{d1}", "--dp-size", "2", *shm]),
         "monolithic-dp2": ("monolithic", ["--devices", f"{d0},{d1}", "--dp-size", "2"]),
+        # one GPU: both replicas and the FFN server on device 0, linked by cuda-ipc
+        "crosspool-ipc-dp1": ("crosspool", ["--device", d0, "--ffn-transport", "cuda-ipc",
+                                            "--ffn-device", d0]),
+        "crosspool-ipc-dp2": ("crosspool", ["--devices", f"{d0},{d0}", "--dp-size", "2",
+                                            "--ffn-transport", "cuda-ipc", "--ffn-device", d0]),
         "monolithic-tp1": ("monolithic", ["--device", d0]),
         "monolithic-tp2": ("monolithic", ["--device", d0, "--tp-size", "2"]),
         "monolithic-ep2": ("monolithic", ["--device", d0, "--tp-size", "2", "--ep-size", "2"]),

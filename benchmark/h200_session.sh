@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/out STAGE=load   WHL=.whl FI_WHL=.whl-fi bash benchmark/h200_session.sh
 #   OUT=/tmp/out STAGE=decode WHL=.whl FI_WHL=.whl-fi bash benchmark/h200_session.sh
+#   OUT=/tmp/out STAGE=dp WHL=.whl bash benchmark/h200_session.sh
 #
 # load:   the small-batch MoE GPU tests and kernel benchmark; FlashInfer from $FI_WHL imported
 #         and its GPU tests run; /load_model + /unload_model of a full-depth Qwen3-30B-A3B
@@ -47,6 +48,10 @@ if [ "$STAGE" = load ]; then
     --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --load-shape Qwen3-30B-A3B --repeats 2 \
     --modes monolithic,crosspool --crosspool-args "--ffn-servers 1 --ffn-transport cuda-ipc" \
     --out "$OUT/load-model-h200.json"
+elif [ "$STAGE" = dp ]; then  # data-parallel replicas sharing one FFN server over cuda-ipc
+  step dp-ipc 200 python3 benchmark/dp_gpu_run.py --out "$OUT/dp-ipc.json" \
+    --shapes OLMoE-1B-7B-0924,Qwen1.5-MoE-A2.7B --requests 16 --max-tokens 64 \
+    --layouts crosspool-ipc-dp1,crosspool-ipc-dp2
 else
   for shape in ${SHAPES:-olmoe-1b-7b qwen3-30b-a3b qwen1.5-moe-a2.7b}; do
     step "decode-$shape" "${SHAPE_LIMIT:-170}" python3 benchmark/gpu_decode_bench.py \
