@@ -685,7 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp-all-reduce", default="nccl", choices=("nccl", "symm-mem"),
                    help="the TP ranks' all-reduce: nccl, or symm-mem (torch symmetric memory "
                         "over NVLink, two-shot, multicast off) for bf16 tensors up to 2 MiB "
-                        "(decode steps), NCCL above; falls back to NCCL where it is missing")
+                        "(decode steps), NCCL above; falls back to NCCL where it is missing. "
+                        "Not yet run in the engine on GPUs (the op alone: "
+                        "benchmark/results/tp-2xh200/)")
     g.add_argument("--ep-size", "--expert-parallel-size", type=int, default=1, metavar="N",
                    help="expert parallelism within the --tp-size ranks: N groups, each "
                         "holding a contiguous slice of the routed experts (N divides "
