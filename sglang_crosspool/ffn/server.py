@@ -313,9 +313,10 @@ class Replica:
         self.sock.send(m.encode(m.Ready(self.spec.server_id, os.getpid(), self.models._bytes(),
                                         (), self.spec.experts)))
 
-    def close(self) -> None:
+    def close(self) -> None:  # twice is fine: a failed attach closes it before the end
         if self.endpoint is not None:
             self.endpoint.close()
+            self.endpoint = None
         self.sock.close(linger=0)
 
 
