@@ -108,6 +108,10 @@ class TorchGroup(Group):
         self._symm = (buf, name)
         return None
 
+    def disable_symm_mem(self) -> None:
+        """Back to NCCL for every all-reduce (when another rank could not enable it)."""
+        self._symm = None
+
     def all_reduce(self, t):
         if self._symm is not None and t.dtype == torch.bfloat16 and t.is_contiguous():
             buf, name = self._symm

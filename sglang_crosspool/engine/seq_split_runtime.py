@@ -38,6 +38,7 @@ from sglang_crosspool.engine.tensor_parallel import (
     TPFFNExecutor,
     TPFollower,
     add_kv,
+    choose_all_reduce,
     make_kv_pool,
     make_runner,
     rank_device,
@@ -143,8 +144,16 @@ class SeqSplitEngineCore(TPEngineCore):
         size = config.attention_split_size
         self.procs = start_ranks(follower_main, size, init_method,
                                  args=(config, os.getpid()), name="seq-rank")
-        return init_group(0, size, init_method, rank_device(config, 0), timeout_s=TIMEOUT_S,
-                          control_timeout_s=CONTROL_TIMEOUT_S)
+        try:
+            group = init_group(0, size, init_method, rank_device(config, 0),
+                               timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
+            choose_all_reduce(config, group)  # as every follower does (run_follower)
+            return group
+        except BaseException:
+            for proc in self.procs:  # they would wait for the rendezvous until its timeout
+                proc.kill()
+                proc.join()
+            raise
 
     def _init_models(self, ffn) -> None:
         cfg = self.config
@@ -173,7 +182,7 @@ class SeqSplitEngineCore(TPEngineCore):
         self.runners[entry.name] = _split_runner(self.config, entry, self.attention[entry.name],
                                                  self.kv_pool, self.ffn, self.group)
 
-    def _init_graphs(self) -> None:
+    def _capture_graphs(self) -> None:
         self.graphs, self.pair_graphs, self._graph_pool = {}, {}, None  # eager steps
 
     def parallel_stats(self) -> dict:

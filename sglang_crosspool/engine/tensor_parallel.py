@@ -224,14 +224,14 @@ class TPEngineCore(EngineCore):
             group = self._start_followers(config)
         self.group = group
         self.shard = ShardPlan(0, config.tp_size, config.ep_size)
+        self._handshaken = False
         try:
-            super().__init__(config)
-            self._check_ranks(None)
+            super().__init__(config)  # its _init_graphs does the start-up handshake first
             if getattr(self, "graph_status", None) is not None and \
                     not agree_on_graphs(self.group, self.graph_status):
                 self.graphs = {}
         except BaseException as e:
-            if not isinstance(e, _RankFailed):
+            if not isinstance(e, _RankFailed) and not self._handshaken:
                 self._check_ranks(f"{type(e).__name__}: {e}", raise_=False)
             self._stop(tell=False)  # every follower leaves after a failed handshake
             raise
@@ -283,6 +283,13 @@ class TPEngineCore(EngineCore):
                                                self.kv_pool, self.ffn)
 
     def _init_graphs(self) -> None:
+        # The start-up handshake comes before any capture: capturing runs collectives, which
+        # a rank that failed to load would never join.
+        self._handshaken = True
+        self._check_ranks(None)
+        self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
         self.pair_graphs, self._graph_pool = {}, None
         self.graphs, self.graph_status = decode_graphs(self.config, self.runners, self.kv_pool,
                                                        self.device)
@@ -304,6 +311,14 @@ class TPEngineCore(EngineCore):
             self.unavailable = f"a tensor-parallel step failed: {type(e).__name__}: {e}"
             log.error("%s; the engine stops serving", self.unavailable)
             raise
+
+    def _run_batches(self):
+        done = super()._run_batches()
+        if self.unavailable and self.states:
+            # A failed step ends everything in flight: the followers may be stuck in that
+            # step's collectives, so no later step may run (new requests get 503).
+            done += self._fail_all(self.unavailable)
+        return done
 
     def check_health(self):
         if not self.unavailable:
@@ -391,7 +406,11 @@ class TPFollower:
         self.runners = {entry.name: make_runner(config, entry, self.attention[entry.name],
                                                 self.kv_pool, self.ffn)
                         for entry in config.models}
-        self.graphs, self.graph_status = decode_graphs(config, self.runners, self.kv_pool,
+        self.graphs, self.graph_status = {}, None  # captured after the handshake
+
+    def capture_graphs(self) -> None:
+        """After the start-up handshake, as rank 0 captures (TPEngineCore._init_graphs)."""
+        self.graphs, self.graph_status = decode_graphs(self.config, self.runners, self.kv_pool,
                                                        self.device)
 
     @torch.inference_mode()
@@ -417,6 +436,7 @@ def follower_main(rank: int, world_size: int, init_method: str, config: EngineCo
                   parent_pid: int) -> None:
     """A follower process: join the group, load its shards, say so, mirror rank 0's steps."""
     def graphs_agreed(follower: TPFollower, group) -> None:
+        follower.capture_graphs()
         if follower.graph_status is not None and not agree_on_graphs(group,
                                                                     follower.graph_status):
             follower.graphs = {}
@@ -462,10 +482,17 @@ def choose_all_reduce(config: EngineConfig, group) -> None:
     if config.tp_all_reduce != "symm-mem" or group.world_size == 1:
         return
     why = group.enable_symm_mem()
-    if why is None:
-        log.info("all-reduces of up to 2 MiB through symmetric memory")
+    # Every rank takes the same path or none does: one rank on NCCL while another spins in
+    # the two-shot barrier would hang the group. One control broadcast per rank.
+    said = [group.broadcast_object(why if src == group.rank else None, src=src)
+            for src in range(group.world_size)]
+    failed = [(src, w) for src, w in enumerate(said) if w is not None]
+    if failed:
+        group.disable_symm_mem()
+        log.warning("symmetric-memory all-reduce unavailable (rank %d: %s); NCCL all-reduce",
+                    *failed[0])
     else:
-        log.warning("symmetric-memory all-reduce unavailable (%s); NCCL all-reduce", why)
+        log.info("all-reduces of up to 2 MiB through symmetric memory")
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -215,3 +215,63 @@ def test_small_batch_moe_kernel_over_shards(tiny_models, reference):
         tokens, _ = _generate([tiny_models["qwen2_moe"]], tp_size=2, ep_size=ep,
                               moe_small_batch="on")
         assert tokens == want, ep  # (served under the first name _generate gives)
+
+
+def test_a_failed_step_ends_every_request_and_no_later_step_runs(tiny_models):
+    """A step that fails on rank 0 partway (its followers may wait in that step's collectives)
+    ends the requests in flight and those queued behind them with an error, at once: no later
+    step may run out of lockstep with the followers."""
+    with Engine(tiny_models["qwen3_moe"], device="cpu", dtype="float32",
+                max_running_requests=1, tp_size=2) as engine:
+        attention = next(iter(engine.core.attention.values()))
+        o_proj, calls = attention.o_proj, []
+
+        def fails_once(layer, o):
+            calls.append(layer)
+            if len(calls) == 2:  # layer 1 of the first step, after layer 0's all-reduce
+                raise RuntimeError("injected rank-0 failure")
+            return o_proj(layer, o)
+
+        attention.o_proj = fails_once
+        outs = engine.generate(input_ids=[[5, 6, 7, 8], [9, 10, 11, 12]],
+                               sampling_params={"max_new_tokens": 4, "temperature": 0.0})
+        assert engine.core.unavailable and "tensor-parallel step failed" in engine.core.unavailable
+        assert len(calls) == 2  # nothing ran after the failed step
+        assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs), outs
+
+
+def test_ranks_that_fail_to_load_end_the_start_cleanly(tmp_path):
+    """Every rank fails to read a broken checkpoint: the handshake (before any capture or
+    collective of a step) carries the errors, rank 0 raises, and no rank is left waiting."""
+    import time
+
+    path = make_model(tmp_path / "broken", "qwen3_moe", seed=1)
+    shard = next(path.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:64])  # a header that promises more than is there
+    start = time.monotonic()
+    with pytest.raises(Exception) as failed:
+        Engine(str(path), device="cpu", dtype="float32", tp_size=2)
+    assert time.monotonic() - start < 60
+    assert "cannot read safetensors" in str(failed.value), failed.value
+    deadline = time.monotonic() + 20  # and the follower is gone
+    while _children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _children()
+
+
+def _children() -> list[int]:
+    """This process's rank processes still running."""
+    import os
+    from pathlib import Path
+
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z" and \
+                    b"sglang_crosspool.distributed.spawn" in (entry / "cmdline").read_bytes():
+                out.append(int(entry.name))
+    return out
