@@ -22,23 +22,18 @@ micro-batch pipelining; CUDA graphs are not captured (eager steps).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from sglang_crosspool.config import EngineConfig
-from sglang_crosspool.distributed.group import Group, SingleGroup, init_group
-from sglang_crosspool.distributed.spawn import start_ranks, tcp_init_method
+from sglang_crosspool.distributed.group import Group, SingleGroup
 from sglang_crosspool.engine import seq_split
 from sglang_crosspool.engine.core import load_attention
 from sglang_crosspool.engine.tensor_parallel import (
-    CONTROL_TIMEOUT_S,
-    TIMEOUT_S,
     TPEngineCore,
     TPFFNExecutor,
     TPFollower,
     add_kv,
-    choose_all_reduce,
     make_kv_pool,
     make_runner,
     rank_device,
@@ -139,21 +134,8 @@ class SplitFFN(FFNExecutor):
 class SeqSplitEngineCore(TPEngineCore):
     """Rank 0 of a sequence split (module docstring)."""
 
-    def _start_followers(self, config: EngineConfig) -> Group:
-        init_method = tcp_init_method()
-        size = config.attention_split_size
-        self.procs = start_ranks(follower_main, size, init_method,
-                                 args=(config, os.getpid()), name="seq-rank")
-        try:
-            group = init_group(0, size, init_method, rank_device(config, 0),
-                               timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
-            choose_all_reduce(config, group)  # as every follower does (run_follower)
-            return group
-        except BaseException:
-            for proc in self.procs:  # they would wait for the rendezvous until its timeout
-                proc.kill()
-                proc.join()
-            raise
+    def _ranks(self, config: EngineConfig) -> tuple:
+        return follower_main, config.attention_split_size, "seq-rank"
 
     def _init_models(self, ffn) -> None:
         cfg = self.config

@@ -239,12 +239,16 @@ class TPEngineCore(EngineCore):
         log.info("tensor parallel: tp_size %d, ep_size %d (%d processes)", config.tp_size,
                  config.ep_size, group.world_size)
 
+    def _ranks(self, config: EngineConfig) -> tuple:
+        """The followers' entry point, the group's size and the processes' name."""
+        return follower_main, config.tp_size, "tp-rank"
+
     def _start_followers(self, config: EngineConfig) -> Group:
         init_method = tcp_init_method()
-        self.procs = start_ranks(follower_main, config.tp_size, init_method,
-                                 args=(config, os.getpid()), name="tp-rank")
+        main, size, name = self._ranks(config)
+        self.procs = start_ranks(main, size, init_method, args=(config, os.getpid()), name=name)
         try:
-            group = init_group(0, config.tp_size, init_method, rank_device(config, 0),
+            group = init_group(0, size, init_method, rank_device(config, 0),
                                timeout_s=TIMEOUT_S, control_timeout_s=CONTROL_TIMEOUT_S)
             choose_all_reduce(config, group)
             return group

@@ -552,7 +552,7 @@ class AttachedFFNPool:
     def _await_ready(self, i: int, link, deadline: float) -> m.Ready:
         pid = self.spec.link_dir and _owner_pid(self.spec.link_dir)
         while time.monotonic() < deadline:
-            if pid and not _running(pid):
+            if pid and not process_running(pid):
                 raise FFNServerError(f"replica 0 (pid {pid}), which starts the FFN servers, "
                                      f"exited before FFN server {i} answered replica "
                                      f"{self.replica}")
@@ -568,7 +568,7 @@ class AttachedFFNPool:
     def _alive_check(self, i: int):
         def check() -> str | None:
             pid = self._pids.get(i)
-            return None if pid is None or _running(pid) else f"(pid {pid}) exited"
+            return None if pid is None or process_running(pid) else f"(pid {pid}) exited"
 
         return check
 
@@ -617,7 +617,7 @@ def _owner_pid(link_dir: str) -> int | None:
         return None
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, not yet reaped by its parent, does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:

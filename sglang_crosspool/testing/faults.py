@@ -59,15 +59,21 @@ def failed_cleanly(core: EngineCore, states: list[RequestState], model: str,
 
 def ffn_server_pids(scheduler_pid: int) -> list[int]:
     """The pids of the FFN server processes a scheduler process started (Linux: /proc)."""
+    return child_pids(scheduler_pid, b"sglang_crosspool.ffn.server")
+
+
+def child_pids(parent: int, marker: bytes = b"") -> list[int]:
+    """The running (not zombie) children of process `parent` whose command line holds
+    `marker` (Linux: /proc)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == scheduler_pid and b"sglang_crosspool.ffn.server" in cmdline:
+        if int(ppid) == parent and state != "Z" and marker in cmdline:
             pids.append(int(entry.name))
     return sorted(pids)

@@ -12,13 +12,13 @@ import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 from sglang_crosspool.server_args import ServerArgs
 from sglang_crosspool.testing.checkpoints import make_model
+from sglang_crosspool.testing.faults import ffn_server_pids
 
 MODELS = {"qwen": ("qwen3_moe", 1), "olmoe": ("olmoe", 3)}
 PROMPTS = [[5, 6, 7, 8], list(range(40, 58))]
@@ -48,31 +48,9 @@ def one_device(two_models, launch_module_server):
     return outputs(launch_module_server(two_models, *CROSSPOOL))
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below `pid`."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            try:
-                cmd = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            out.append((child, cmd.decode(errors="replace")))
-            todo.append(child)
-    return out
-
-
 def ffn_servers(server) -> list[int]:
-    return [pid for pid, cmd in descendants(server.proc.pid)
-            if "sglang_crosspool.ffn.server" in cmd]
+    """The FFN server processes under every attention worker."""
+    return [pid for w in server.internal_state()["workers"] for pid in ffn_server_pids(w["pid"])]
 
 
 def spread_requests(server, n: int = 8) -> list[list[int]]:

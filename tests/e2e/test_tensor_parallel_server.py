@@ -4,36 +4,16 @@ stats report the ranks, and the follower goes when the server stops."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
 from sglang_crosspool import Engine
+from sglang_crosspool.ffn.remote import process_running
+from sglang_crosspool.testing.faults import child_pids
 
 PROMPTS = [[5, 6, 7, 8], list(range(40, 58))]
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-
-def _children(pid: int) -> set[int]:
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.add(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_server_at_tp2_gives_tp1_tokens(model_paths, launch_server):
@@ -53,14 +33,14 @@ def test_server_at_tp2_gives_tp1_tokens(model_paths, launch_server):
     assert 'sglang_crosspool:kv_head_replicas{model_name="qwen-a"} 1.0' in metrics
     assert "sglang_crosspool:kv_replicated_bytes" in metrics
     # The launcher's child is the scheduler (rank 0); its own children include the follower.
-    followers = {p for s in _children(server.proc.pid) for p in _children(s)}
+    followers = {p for s in child_pids(server.proc.pid) for p in child_pids(s)}
     assert followers, "no follower process found under the scheduler"
     server.proc.terminate()
     server.proc.wait(timeout=30)
     deadline = time.monotonic() + 15
-    while any(_alive(p) for p in followers) and time.monotonic() < deadline:
+    while any(process_running(p) for p in followers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(p) for p in followers), "a follower outlived its server"
+    assert not any(process_running(p) for p in followers), "a follower outlived its server"
 
 
 @pytest.mark.parametrize("flags, message", [

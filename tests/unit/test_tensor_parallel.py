@@ -18,6 +18,7 @@ from sglang_crosspool.models.checkpoint import CheckpointFiles, DummyFiles
 from sglang_crosspool.models.config import load_spec
 from sglang_crosspool.models.parallel import ParallelError, ShardPlan
 from sglang_crosspool.testing.checkpoints import ARCHS, make_model
+from sglang_crosspool.testing.faults import child_pids
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0.0}
 LONG = [(7 * i + 3) % 1000 for i in range(140)]  # two whole KV blocks at TP 2 and 4
@@ -254,24 +255,13 @@ def test_ranks_that_fail_to_load_end_the_start_cleanly(tmp_path):
     assert time.monotonic() - start < 60
     assert "cannot read safetensors" in str(failed.value), failed.value
     deadline = time.monotonic() + 20  # and the follower is gone
-    while _children() and time.monotonic() < deadline:
+    while _ranks() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _children()
+    assert not _ranks()
 
 
-def _children() -> list[int]:
+def _ranks() -> list[int]:
     """This process's rank processes still running."""
     import os
-    from pathlib import Path
 
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == os.getpid() and fields[0] != "Z" and \
-                    b"sglang_crosspool.distributed.spawn" in (entry / "cmdline").read_bytes():
-                out.append(int(entry.name))
-    return out
+    return child_pids(os.getpid(), b"sglang_crosspool.distributed.spawn")
